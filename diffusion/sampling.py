@@ -20,9 +20,19 @@ EpsFn = Callable[[Tensor, Tensor], Tensor]
 Callback = Callable[[dict], None]
 
 
+def _coef(c: Tensor, x: Tensor) -> Tensor:
+    """A schedule coefficient computed in float64 (a_t from `NoiseSchedule.at`), cast to x's dtype only now."""
+    return c.to(x.dtype)
+
+
 def predict_x0(x_t: Tensor, eps: Tensor, a_t: Tensor, clip: bool = True) -> Tensor:
-    """x0_hat = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t), optionally clipped to [-1, 1]. a_t broadcasts against x_t."""
-    x0 = (1.0 / a_t).sqrt() * x_t - (1.0 / a_t - 1).sqrt() * eps
+    """x0_hat = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t), optionally clipped to [-1, 1]. a_t broadcasts against x_t.
+
+    The coefficients sqrt(1/a_t) and sqrt(1/a_t - 1) are computed in a_t's dtype (float64 from the schedule) and
+    cast to x_t's dtype, exactly as the released code does; computing them from a float32 a_t gives different
+    rounding, which the clipping and the randomly initialised fixture network amplify past 1e-3.
+    """
+    x0 = _coef((1.0 / a_t).sqrt(), x_t) * x_t - _coef((1.0 / a_t - 1).sqrt(), x_t) * eps
     return x0.clamp(-1, 1) if clip else x0
 
 
@@ -32,11 +42,12 @@ def ddim_step(x_t: Tensor, eps: Tensor, a_t: Tensor, a_next: Tensor, clip: bool 
     1. x0_hat = clip(predict_x0(x_t, eps, a_t))
     2. eps~ = (x_t / sqrt(a_t) - x0_hat) / sqrt(1/a_t - 1)        (noise consistent with the clipped x0_hat)
     3. x_next = sqrt(a_next) x0_hat + sqrt(1 - a_next) eps~
-    a_t, a_next: alpha_bar broadcastable to x_t (per sample allowed). Returns (x_next, x0_hat).
+    a_t, a_next: alpha_bar (float64, from `NoiseSchedule.at(i, x)`) broadcastable to x_t, per sample allowed.
+    Returns (x_next, x0_hat) in x_t's dtype.
     """
     x0 = predict_x0(x_t, eps, a_t, clip)
-    eps = ((1.0 / a_t).sqrt() * x_t - x0) / (1.0 / a_t - 1).sqrt()
-    return a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps, x0
+    eps = (_coef((1.0 / a_t).sqrt(), x_t) * x_t - x0) / _coef((1.0 / a_t - 1).sqrt(), x_t)
+    return _coef(a_next.sqrt(), x_t) * x0 + _coef((1 - a_next).sqrt(), x_t) * eps, x0
 
 
 def _progress(iterable, progress: bool, desc: str):

@@ -76,14 +76,14 @@ class NoiseSchedule:
         return NoiseSchedule(self.alpha_bar[keep], self.timesteps[keep])
 
     def at(self, index: Tensor | int, like: Tensor) -> Tensor:
-        """alpha_bar at sampler indices, broadcast to `like` ([B] -> [B,1,...,1]) in like's dtype and device.
+        """alpha_bar at sampler indices, float64 on like's device, broadcast to `like` ([B] -> [B,1,...,1]).
 
         An index of -1 means "before the first step" and gives alpha_bar = 1 (the clean image), which is what the
         last DDIM step targets. `index` may be an int (same for the whole batch) or a [B] tensor (per sample).
         """
         table = torch.cat([self.alpha_bar.new_ones(1), self.alpha_bar])  # table[i + 1] = alpha_bar_i
         index = torch.as_tensor(index, device=self.alpha_bar.device).reshape(-1)
-        a = table[index + 1].to(device=like.device, dtype=like.dtype)
+        a = table[index + 1].to(like.device)
         if a.numel() == 1:
             a = a.expand(like.shape[0])
         return a.reshape(-1, *([1] * (like.dim() - 1)))
@@ -96,4 +96,4 @@ class NoiseSchedule:
     def q_sample(self, x0: Tensor, index: Tensor, noise: Tensor) -> Tensor:
         """Forward process q(x_t | x0): sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps (Ho et al. eq. 4)."""
         a = self.at(index, x0)
-        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+        return a.sqrt().to(x0.dtype) * x0 + (1 - a).sqrt().to(x0.dtype) * noise

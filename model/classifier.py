@@ -41,3 +41,8 @@ class AttributeClassifier(nn.Module):
         step = scale * math.sqrt(w.numel()) * w / w.norm()
         z = self.denormalize(self.normalize(id_feat) + step)
         return nn.functional.normalize(z, dim=1)
+
+    def edit_identity_raw(self, id_feat: Tensor, attribute: int, scale: float) -> Tensor:
+        """The released formula without `--normalize`: L2norm(id_feat + scale * sqrt(D) * w), w not normalised."""
+        w = self.classifier.weight[attribute]
+        return nn.functional.normalize(id_feat + scale * math.sqrt(w.numel()) * w, dim=1)

@@ -48,7 +48,7 @@ def test_at_broadcasts_and_handles_before_first():
     s = NoiseSchedule.linear().respace(10)
     x = torch.zeros(3, 2, 4, 4)
     a = s.at(torch.tensor([0, 5, 9]), x)
-    assert a.shape == (3, 1, 1, 1) and a.dtype == torch.float32
+    assert a.shape == (3, 1, 1, 1) and a.dtype == torch.float64
     assert s.at(-1, x).flatten().tolist() == [1.0, 1.0, 1.0]
     assert s.t_at(9, 2, x.device).tolist() == [900, 900]
 

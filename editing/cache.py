@@ -1,0 +1,83 @@
+"""A content-addressed on-disk cache for the expensive, edit-independent work on a video.
+
+Entries are folders `<root>/<kind>-<key>/` holding `data.pt` (tensors, loadable with weights_only=True) and
+`meta.json`. An entry is written to a temporary folder and renamed into place, so a killed run never leaves an
+entry that looks complete. Keys hash everything the content depends on: the frame bytes, the frame selection,
+the alignment settings, the checkpoint and the number of DDIM steps.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_CACHE = Path(os.environ.get('DVA_CACHE', Path.home() / '.cache' / 'dva'))
+
+
+def hash_files(paths: list[Path], chunk: int = 1 << 20) -> str:
+    """sha256 over the names and bytes of the given files (the identity of a frame folder or a video file)."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode() + b'\0')
+        with open(p, 'rb') as f:
+            while block := f.read(chunk):
+                h.update(block)
+    return h.hexdigest()
+
+
+def file_stamp(path: str | os.PathLike) -> str:
+    """A cheap identity of a large file (checkpoint): resolved path, size and modification time."""
+    p = Path(path).resolve()
+    st = p.stat()
+    return f'{p}:{st.st_size}:{st.st_mtime_ns}'
+
+
+def make_key(**parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+class Cache:
+    def __init__(self, root: str | os.PathLike | None = DEFAULT_CACHE) -> None:
+        self.root = Path(root) if root is not None else None
+
+    @property
+    def enabled(self) -> bool:
+        return self.root is not None
+
+    def _dir(self, kind: str, key: str) -> Path:
+        return self.root / f'{kind}-{key}'
+
+    def get(self, kind: str, key: str) -> dict[str, Any] | None:
+        """The stored tensors of an entry, or None when absent (or the cache is disabled, or the entry is unreadable)."""
+        if not self.enabled:
+            return None
+        path = self._dir(kind, key) / 'data.pt'
+        if not path.is_file():
+            return None
+        try:
+            return torch.load(path, map_location='cpu', weights_only=True)
+        except Exception:  # noqa: BLE001 - a damaged entry is recomputed, never trusted
+            return None
+
+    def put(self, kind: str, key: str, data: dict[str, Any], meta: dict[str, Any]) -> Path | None:
+        if not self.enabled:
+            return None
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self._dir(kind, key)
+        tmp = Path(tempfile.mkdtemp(prefix=f'.{kind}-', dir=self.root))
+        try:
+            torch.save(data, tmp / 'data.pt')
+            (tmp / 'meta.json').write_text(json.dumps(meta, indent=2, default=str))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return final

@@ -1,0 +1,1 @@
+"""Networks of the diffusion video autoencoder: pure architecture, loaded by model.pretrained."""

@@ -1,0 +1,65 @@
+"""Small building blocks shared by the networks: sinusoidal time embedding, fp32 GroupNorm, zero init."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of the ORIGINAL diffusion timesteps, cosine half first (as released).
+
+    Args:
+        t: [B] timesteps, integer (or float) values in 0..T-1, never rescaled.
+        dim: embedding width; the released model uses `model_channels` (128).
+        max_period: controls the lowest frequency, freq_k = max_period^(-k / (dim // 2)).
+
+    Returns:
+        [B, dim] float32: [cos(t * freq), sin(t * freq)], zero-padded by one column when `dim` is odd.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.reshape(-1, 1).float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, emb.new_zeros(emb.shape[0], 1)], dim=-1)
+    return emb
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Set every parameter of `module` to zero in place and return it (residual branches start as the identity)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def norm_groups(channels: int, max_groups: int) -> int:
+    """Number of GroupNorm groups for `channels`: min(max_groups, channels), lowered until it divides `channels`.
+
+    With the released widths (multiples of 32) and `max_groups=32` this is always 32.
+    """
+    if channels < 1 or max_groups < 1:
+        raise ValueError(f'norm_groups needs positive sizes, got channels={channels}, max_groups={max_groups}')
+    groups = min(max_groups, channels)
+    while channels % groups:
+        groups -= 1
+    return groups
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 and cast back to the input dtype (stable under fp16/bf16).
+
+    Input [B, C, ...] of any float dtype and memory format; output has the same shape and dtype.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
+
+
+def group_norm(channels: int, max_groups: int) -> GroupNorm32:
+    """`GroupNorm32` over `channels` with `norm_groups(channels, max_groups)` groups and eps 1e-5."""
+    return GroupNorm32(norm_groups(channels, max_groups), channels)

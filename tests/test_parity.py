@@ -1,0 +1,113 @@
+"""Parity with the released implementation: the fixture weights, loaded through our normal loading path, must give
+the tensors the released code computed. The folder comes from DVA_PARITY_FIXTURES; every size and T from its config.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+import templates
+from diffusion import NoiseSchedule
+from editing import core
+from model.autoencoder import FaceEncoder
+from model.pretrained import load_classifier, load_dva, load_pretrained_encoders
+
+NET_TOL, LOOP_TOL = 1e-4, 1e-3
+
+
+def base_config(fx_cfg: dict):
+    cfg = templates.diffusion_video_autoencoder()
+    unet = replace(cfg.unet, image_size=fx_cfg['img_size'], channel_mult=tuple(fx_cfg['net_ch_mult']),
+                   attention_resolutions=tuple(fx_cfg['net_attn']), embed_channels=fx_cfg['embed_channels'],
+                   num_res_blocks=fx_cfg['num_res_blocks'], dropout=fx_cfg['dropout'])
+    return replace(cfg, unet=unet)
+
+
+@pytest.fixture(scope='module')
+def loaded(parity, parity_weights):
+    ckpt = parity_weights / 'checkpoints' / 'diffusion_video_autoencoder' / 'last.ckpt'
+    ema, cfg, _ = load_dva(ckpt, base_config(parity['config']), which='ema')
+    model, _, _ = load_dva(ckpt, base_config(parity['config']), which='model')
+    assert cfg.unet.model_channels == parity['config']['net_ch']
+    return ema, model
+
+
+def maxabs(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+def test_checkpoint_encoders_equal_pretrained_files(loaded, parity_weights):
+    ema, _ = loaded
+    enc = FaceEncoder(ema.cfg.encoder)
+    load_pretrained_encoders(enc, parity_weights / 'pretrained_models')
+    ours = enc.state_dict()
+    for k, v in ema.encoder.state_dict().items():
+        if not k.startswith('linear.'):
+            assert torch.equal(v, ours[k]), k
+
+
+@torch.no_grad()
+def test_encoder_features_and_masks(loaded, parity):
+    ema, _ = loaded
+    x0 = parity['x0']
+    id_feat, lnd = ema.encoder.identity(x0), ema.encoder.landmarks(x0)
+    assert maxabs(id_feat, parity['id_feats']) < NET_TOL
+    assert maxabs(lnd, parity['lnd_feats']) < NET_TOL
+    assert maxabs(ema.encoder.combine(id_feat, lnd), parity['z_face']) < NET_TOL
+    sure = parity['mask_margin'] > 1e-4
+    for kind in ('train', 'video'):
+        m = ema.encoder.mask(x0, kind)
+        assert set(m.unique().tolist()) <= {0.0, 1.0}
+        assert torch.equal(m[sure], parity[f'mask_{kind}'][sure]), kind
+
+
+@torch.no_grad()
+def test_unet_noise_prediction_ema_and_model(loaded, parity):
+    ema, model = loaded
+    assert maxabs(ema(parity['x_t'], parity['t'], parity['z_face']), parity['eps_ema']) < NET_TOL
+    assert maxabs(model(parity['x_t'], parity['t'], parity['z_face']), parity['eps_model']) < NET_TOL
+
+
+def test_respaced_timesteps(parity):
+    full = NoiseSchedule.linear()
+    for key in parity:
+        if key.startswith('timesteps_T'):
+            n = int(key[len('timesteps_T'):])
+            r = full.respace(n)
+            assert torch.equal(r.timesteps, parity[key].long()), key
+            assert torch.allclose(r.alpha_bar, parity[f'alphas_cumprod_T{n}'].double(), rtol=0, atol=1e-12)
+
+
+@torch.no_grad()
+def test_ddim_inversion_render_and_classifier_edit_pipeline(loaded, parity, parity_dir):
+    ema, _ = loaded
+    T, x0, dev = parity['config']['T'], parity['x0'], torch.device('cpu')
+    sched = NoiseSchedule.linear().respace(T)
+    bs = len(x0)
+    # per-frame identity: inversion and render back
+    x_T = core.invert(ema, x0, parity['z_face'], sched, bs, dev)
+    assert maxabs(x_T, parity[f'xT_T{T}']) < LOOP_TOL
+    assert maxabs(core.to_unit(core.render(ema, x_T, parity['z_face'], sched, bs, dev)), parity[f'render_T{T}']) < LOOP_TOL
+    # averaged identity over the video, as the editing scripts do
+    id_feats, lnd = core.encode_frames(ema, x0, bs, dev)
+    avg = core.average_identity(id_feats)
+    assert maxabs(avg, parity['pipe_avg_id']) < NET_TOL
+    z_avg = core.z_faces(ema, avg, lnd, dev)
+    assert maxabs(z_avg, parity['pipe_z_face_avg']) < NET_TOL
+    x_T = core.invert(ema, x0, z_avg, sched, bs, dev)
+    assert maxabs(x_T, parity[f'pipe_avg_xT_T{T}']) < LOOP_TOL
+    assert maxabs(core.to_unit(core.render(ema, x_T, z_avg, sched, bs, dev)), parity[f'pipe_recon_T{T}']) < LOOP_TOL
+    # classifier edit with the fixture classifier
+    clf, _ = load_classifier(parity_dir / 'classifier' / 'last.ckpt')
+    edited = clf.edit_identity(avg, int(parity['cls_id']), float(parity['cls_scale']))
+    assert maxabs(edited, parity['cls_avg_id_edited']) < NET_TOL
+    z_edit = core.z_faces(ema, edited, lnd, dev)
+    assert maxabs(z_edit, parity['cls_z_face_edited']) < NET_TOL
+    out = core.render(ema, x_T, z_edit, sched, bs, dev)
+    assert maxabs(core.to_unit(out), parity[f'pipe_edit_render_T{T}']) < LOOP_TOL
+    mask = core.face_masks(ema, x0, bs, dev, 'video')
+    sure = (parity['mask_margin'] > 1e-4).expand_as(out)
+    pasted = core.blend(out, x0, mask)
+    assert maxabs(pasted[sure], parity[f'pipe_paste_bg_T{T}'][sure]) < LOOP_TOL

@@ -1,0 +1,221 @@
+"""Frame folders, video files and atomic writers (video_io.py)."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from video_io import (
+    IMAGE_EXTS,
+    FrameSource,
+    VideoWriter,
+    list_frames,
+    read_image,
+    read_video_info,
+    save_image_atomic,
+    write_video,
+)
+
+
+def _img(path: Path, size: tuple[int, int] = (8, 6), value: int = 0) -> Path:
+    """Write a uniform RGB image of `size` (w, h) and grey level `value`."""
+    Image.new('RGB', size, (value, value, value)).save(path)
+    return path
+
+
+def _smooth_frames(n: int, w: int, h: int) -> list[np.ndarray]:
+    """n smooth RGB uint8 frames [h, w, 3] that differ from each other (codec-friendly)."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    out = []
+    for i in range(n):
+        r = 128 + 100 * np.sin(xx / w * 2 * np.pi + i * 0.5)
+        g = 128 + 100 * np.cos(yy / h * 2 * np.pi)
+        b = np.full_like(r, 20 + 20 * i)
+        out.append(np.stack([r, g, b], axis=-1).clip(0, 255).astype(np.uint8))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# list_frames
+
+
+def test_list_frames_natural_sort_and_filter(tmp_path: Path) -> None:
+    for name in ['frame10.png', 'frame2.png', 'frame1.jpg', 'Frame3.JPG', 'frame11.jpeg']:
+        _img(tmp_path / name)
+    (tmp_path / 'notes.txt').write_text('not a frame')
+    (tmp_path / '.hidden.png').write_bytes(b'')
+    sub = tmp_path / 'sub.png'  # a folder with an image-like name is ignored too
+    sub.mkdir()
+    _img(sub / 'frame0.png')
+    (tmp_path / 'crops').mkdir()
+    _img(tmp_path / 'crops' / 'frame0.png')
+
+    names = [p.name for p in list_frames(tmp_path)]
+    assert names == ['frame1.jpg', 'frame2.png', 'Frame3.JPG', 'frame10.png', 'frame11.jpeg']
+    assert '.png' in IMAGE_EXTS and '.jpg' in IMAGE_EXTS
+
+
+def test_list_frames_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match='missing'):
+        list_frames(tmp_path / 'missing')
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    (empty / 'readme.txt').write_text('x')
+    with pytest.raises(ValueError, match='empty'):
+        list_frames(empty)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# FrameSource on folders
+
+
+def test_folder_source_names_selection_and_reading(tmp_path: Path) -> None:
+    for i in range(12):
+        _img(tmp_path / f'a.{i}.png', value=10 * i)
+    src = FrameSource(tmp_path)
+    assert len(src) == 12 and src.fps is None and src.size == (8, 6)
+    assert src.names[:3] == ['a.0', 'a.1', 'a.2'] and src.names[-1] == 'a.11'  # full stems, natural order
+    frames = list(src)
+    assert all(f.shape == (6, 8, 3) and f.dtype == np.uint8 for f in frames)
+    assert [int(f[0, 0, 0]) for f in frames] == [10 * i for i in range(12)]
+
+    sel = FrameSource(tmp_path, start=2, end=9, max_num=4)
+    assert sel.names == ['a.2', 'a.3', 'a.4', 'a.5']
+    assert int(sel.read(3)[0, 0, 0]) == 50
+    assert FrameSource(tmp_path, start=5, end=8).names == ['a.5', 'a.6', 'a.7']
+    assert FrameSource(tmp_path, start=10, max_num=5).names == ['a.10', 'a.11']
+    with pytest.raises(ValueError):
+        FrameSource(tmp_path, start=12)
+    with pytest.raises(IndexError):
+        sel.read(4)
+
+
+def test_folder_source_unreadable_image(tmp_path: Path) -> None:
+    _img(tmp_path / '0.png')
+    (tmp_path / '1.png').write_bytes(b'this is not a png')
+    with pytest.raises(ValueError, match=r'1\.png'):
+        FrameSource(tmp_path)
+
+    # Valid header, broken data: caught when the frame is read, naming the file.
+    good = tmp_path / 'trunc'
+    good.mkdir()
+    _img(good / '0.jpg', size=(64, 48))
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(good / '1.jpg')
+    (good / '1.jpg').write_bytes((good / '1.jpg').read_bytes()[:-1500])
+    src = FrameSource(good)
+    assert src.read(0).shape == (48, 64, 3)
+    with pytest.raises(ValueError, match=r'1\.jpg'):
+        list(src)
+
+
+def test_folder_source_mixed_sizes(tmp_path: Path) -> None:
+    _img(tmp_path / 'f1.png', size=(8, 6))
+    _img(tmp_path / 'f2.png', size=(8, 6))
+    _img(tmp_path / 'f3.png', size=(10, 6))
+    _img(tmp_path / 'f4.png', size=(12, 6))
+    with pytest.raises(ValueError, match=r'f3\.png.*10x6.*8x6'):
+        FrameSource(tmp_path)
+    assert len(FrameSource(tmp_path, end=2)) == 2  # only the selected frames must agree
+
+
+def test_folder_source_duplicate_stems(tmp_path: Path) -> None:
+    _img(tmp_path / 'x.png')
+    _img(tmp_path / 'x.jpg')
+    with pytest.raises(ValueError, match='same name'):
+        FrameSource(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# FrameSource on video files
+
+
+def test_video_source(test_videos_dir: Path) -> None:
+    path = test_videos_dir / 'sample_24f_540p.mp4'
+    src = FrameSource(path)
+    assert len(src) == 24 and src.fps == pytest.approx(25.0) and src.size == (960, 540)
+    assert src.names[0] == '000000' and src.names[-1] == '000023'
+    frames = list(src)
+    assert len(frames) == 24 and all(f.shape == (540, 960, 3) and f.dtype == np.uint8 for f in frames)
+
+    sel = FrameSource(path, start=5, end=20, max_num=4)
+    assert sel.names == ['000005', '000006', '000007', '000008'] and sel.fps == pytest.approx(25.0)
+    got = list(sel)
+    assert len(got) == 4 and all(np.array_equal(g, frames[5 + i]) for i, g in enumerate(got))
+    assert np.array_equal(sel.read(2), frames[7]) and np.array_equal(sel.read(0), frames[5])  # backwards re-decodes
+    assert len(FrameSource(path, start=20)) == 4
+    assert len(FrameSource(path, end=10)) == 10
+    with pytest.raises(ValueError):
+        FrameSource(path, start=30)
+
+
+def test_video_source_ntsc_rate(test_videos_dir: Path) -> None:
+    src = FrameSource(test_videos_dir / 'carphone.mp4', max_num=3)
+    assert src.rate == Fraction(30000, 1001) and src.size == (176, 144) and len(src) == 3
+
+
+def test_video_source_undecodable(tmp_path: Path) -> None:
+    bad = tmp_path / 'broken.mp4'
+    bad.write_bytes(b'\x00' * 1000)
+    with pytest.raises(ValueError, match=r'broken\.mp4'):
+        FrameSource(bad)
+    with pytest.raises(FileNotFoundError):
+        FrameSource(tmp_path / 'nope.mp4')
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Writers
+
+
+@pytest.mark.parametrize(
+    ('fps', 'expected'),
+    [(25, 25.0), (Fraction(30000, 1001), 30000 / 1001), (30000 / 1001, 30000 / 1001)],
+)
+def test_write_video_roundtrip(tmp_path: Path, fps: float | Fraction, expected: float) -> None:
+    frames = _smooth_frames(7, 64, 48)
+    out = write_video(tmp_path / 'sub' / 'v.mp4', frames, fps)
+    n, got_fps, size = read_video_info(out)
+    assert n == 7 and size == (64, 48) and got_fps == pytest.approx(expected, abs=1e-6)
+    back = list(FrameSource(out))
+    err = [np.abs(b.astype(int) - f.astype(int)).mean() for b, f in zip(back, frames)]
+    assert max(err) < 4.0  # right frames, right order, right colours (yuv420p + crf 18)
+    assert sorted(p.name for p in out.parent.iterdir()) == ['v.mp4']  # no temporary left behind
+
+
+def test_write_video_odd_size(tmp_path: Path) -> None:
+    frames = _smooth_frames(3, 51, 37)
+    n, _, size = read_video_info(write_video(tmp_path / 'odd.mp4', frames, 10))
+    assert n == 3 and size == (52, 38)  # padded to even
+    first = FrameSource(tmp_path / 'odd.mp4').read(0)
+    assert np.abs(first[:37, :51].astype(int) - frames[0]).mean() < 4.0
+
+
+def test_video_writer_failure_is_atomic(tmp_path: Path) -> None:
+    target = tmp_path / 'v.mp4'
+    write_video(target, _smooth_frames(2, 32, 32), 25)
+    before = target.read_bytes()
+    with pytest.raises(ValueError, match='32x32'), VideoWriter(target, 25) as w:
+        w.write(_smooth_frames(1, 32, 32)[0])
+        w.write(_smooth_frames(1, 16, 16)[0])
+    assert target.read_bytes() == before  # the previous file is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['v.mp4']
+    with pytest.raises(ValueError, match='no frame'):
+        write_video(tmp_path / 'empty.mp4', [], 25)
+    assert not (tmp_path / 'empty.mp4').exists()
+
+
+def test_save_image_atomic(tmp_path: Path) -> None:
+    arr = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    p = save_image_atomic(tmp_path / 'out' / 'a.png', arr)
+    assert np.array_equal(read_image(p), arr)
+    q = save_image_atomic(tmp_path / 'out' / 'noext', Image.fromarray(arr))
+    with Image.open(q) as im:
+        assert im.format == 'PNG'
+    save_image_atomic(tmp_path / 'out' / 'a.png', arr[::-1])  # overwrite in place
+    assert np.array_equal(read_image(p), arr[::-1])
+    assert sorted(x.name for x in (tmp_path / 'out').iterdir()) == ['a.png', 'noext']
+    with pytest.raises(ValueError):
+        save_image_atomic(tmp_path / 'b.png', arr.astype(np.float32))

@@ -1,0 +1,406 @@
+"""Frame and video I/O shared by the editing scripts, the data preparation tool and the metrics.
+
+Everything returns or takes RGB uint8 numpy arrays [H, W, 3]. Frames are streamed (never all held in RAM). PyAV (`av`)
+is imported lazily, only when a video file is read or written.
+
+Selection semantics of `FrameSource(path, start, end, max_num)`: `start` and `end` are indices into the full, naturally
+sorted frame list (folders) or the decoding order (videos), `end` exclusive (None = to the last frame); `max_num` then
+caps the number of frames taken from `start` on. So frames `start .. min(end, start + max_num) - 1` are used, and index
+`i` of the source is frame `start + i` of the input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import uuid
+from collections.abc import Iterable, Iterator
+from fractions import Fraction
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
+VIDEO_EXTS = ('.mp4', '.mov', '.avi', '.mkv', '.webm')
+
+
+def _natural_key(name: str) -> tuple:
+    """Sort key that orders digit runs by value: frame2 < frame10 (ties broken by the plain name)."""
+    parts = re.split(r'(\d+)', name)
+    return tuple(int(p) if i % 2 else p.lower() for i, p in enumerate(parts)), name
+
+
+def list_frames(folder: str | os.PathLike) -> list[Path]:
+    """Image files of `folder` in natural order (frame2 < frame10).
+
+    Only regular files whose extension (case-insensitive) is in `IMAGE_EXTS` are listed; other files, hidden files
+    (name starting with '.', e.g. macOS '._x.jpg') and sub-folders are ignored.
+
+    Raises:
+        FileNotFoundError: `folder` does not exist or is not a folder.
+        ValueError: `folder` holds no image file.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f'frame folder not found (or not a folder): {folder}')
+    files = [
+        p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith('.') and p.is_file()
+    ]
+    if not files:
+        raise ValueError(f'no image file ({", ".join(IMAGE_EXTS)}) in frame folder {folder}')
+    return sorted(files, key=lambda p: _natural_key(p.name))
+
+
+def _select(n: int, start: int, end: int | None, max_num: int | None, what: str) -> range:
+    """Indices start .. min(end, start + max_num) - 1 of `n` frames, validated."""
+    if start < 0:
+        raise ValueError(f'start must be >= 0, got {start}')
+    if end is not None and end <= start:
+        raise ValueError(f'end ({end}) must be greater than start ({start})')
+    if max_num is not None and max_num < 1:
+        raise ValueError(f'max_num must be >= 1, got {max_num}')
+    stop = n if end is None else min(end, n)
+    if max_num is not None:
+        stop = min(stop, start + max_num)
+    if start >= stop:
+        raise ValueError(f'{what} has {n} frames: start={start} selects none')
+    return range(start, stop)
+
+
+def _open_rgb(path: Path) -> np.ndarray:
+    """Decode one image file to RGB uint8 [H, W, 3]; ValueError naming the file if it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert('RGB'))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f'cannot read image {path}: {e}') from e
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as RGB uint8 [H, W, 3] (ValueError naming the file when it cannot be decoded)."""
+    return _open_rgb(Path(path))
+
+
+class FrameSource:
+    """Frames of a folder of images or of a video file, streamed as RGB uint8 [H, W, 3] arrays.
+
+    Args:
+        path: a folder of images (see `list_frames`) or a video file (mp4/mov/avi/mkv/webm, decoded with PyAV).
+        start, end, max_num: frame selection, see the module docstring (`end` exclusive; `max_num` caps the count).
+
+    Attributes:
+        path: the input path.
+        names: one stable name per selected frame: the full file stem for folders ('a.1' for 'a.1.png'), the
+            zero-padded input frame index ('%06d') for videos.
+        fps: source frame rate (float) for videos, None for folders; `rate` is the exact Fraction (e.g. 30000/1001).
+        size: (width, height) of every frame.
+
+    Folder frames must all have one size (checked from the image headers when the source is opened). A video is
+    decoded once when opened, to count its frames and check that it decodes; `read(i)` on a video decodes
+    sequentially, so iterate rather than index randomly.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, start: int = 0, end: int | None = None, max_num: int | None = None
+    ) -> None:
+        self.path = Path(path)
+        if self.path.is_dir():
+            self.is_video = False
+            self._init_folder(start, end, max_num)
+        elif self.path.suffix.lower() in VIDEO_EXTS:
+            if not self.path.is_file():
+                raise FileNotFoundError(f'video file not found: {self.path}')
+            self.is_video = True
+            self._init_video(start, end, max_num)
+        elif not self.path.exists():
+            raise FileNotFoundError(f'frame source not found: {self.path}')
+        else:
+            raise ValueError(f'{self.path} is neither a frame folder nor a video file ({", ".join(VIDEO_EXTS)})')
+        self._decoder: Iterator[np.ndarray] | None = None
+        self._next_index = 0
+
+    def _init_folder(self, start: int, end: int | None, max_num: int | None) -> None:
+        files = list_frames(self.path)
+        sel = _select(len(files), start, end, max_num, f'frame folder {self.path}')
+        self.files = [files[i] for i in sel]
+        self.names = [p.stem for p in self.files]
+        seen: dict[str, Path] = {}
+        for p in self.files:
+            if p.stem in seen:
+                raise ValueError(
+                    f'frames {seen[p.stem].name} and {p.name} in {self.path} have the same name {p.stem!r}'
+                )
+            seen[p.stem] = p
+        self.fps: float | None = None
+        self.rate: Fraction | None = None
+        size = None
+        for p in self.files:
+            try:
+                with Image.open(p) as im:
+                    s = im.size
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                raise ValueError(f'cannot read image {p}: {e}') from e
+            if size is None:
+                size, first = s, p
+            elif s != size:
+                raise ValueError(
+                    f'frame {p} is {s[0]}x{s[1]} but {first.name} is {size[0]}x{size[1]}: '
+                    f'all frames in {self.path} must have the same size'
+                )
+        self.size: tuple[int, int] = size
+
+    def _init_video(self, start: int, end: int | None, max_num: int | None) -> None:
+        import av
+
+        limit = None if end is None else end
+        if max_num is not None:
+            limit = start + max_num if limit is None else min(limit, start + max_num)
+        n, size = 0, None
+        try:
+            with av.open(str(self.path)) as container:
+                if not container.streams.video:
+                    raise ValueError(f'no video stream in {self.path}')
+                stream = container.streams.video[0]
+                stream.thread_type = 'AUTO'
+                rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+                for frame in container.decode(stream):
+                    if size is None:
+                        size = (frame.width, frame.height)
+                    n += 1
+                    if limit is not None and n >= limit:
+                        break
+        except av.error.FFmpegError as e:
+            raise ValueError(f'cannot decode video {self.path}: {e}') from e
+        if n == 0:
+            raise ValueError(f'cannot decode video {self.path}: no frame decoded')
+        sel = _select(n, start, end, max_num, f'video {self.path}')
+        self._range = sel
+        self.names = [f'{i:06d}' for i in sel]
+        self.rate = Fraction(rate) if rate else None
+        self.fps = float(self.rate) if self.rate else None
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        """Yield every selected frame in order as RGB uint8 [H, W, 3] (streamed)."""
+        if not self.is_video:
+            for p in self.files:
+                yield self._read_file(p)
+        else:
+            yield from self._decode()
+
+    def read(self, i: int) -> np.ndarray:
+        """Frame `i` of the selection (0 <= i < len) as RGB uint8 [H, W, 3]."""
+        if not 0 <= i < len(self):
+            raise IndexError(f'frame index {i} out of range for {len(self)} frames of {self.path}')
+        if not self.is_video:
+            return self._read_file(self.files[i])
+        if self._decoder is None or i < self._next_index:
+            self._decoder, self._next_index = self._decode(), 0
+        while True:
+            frame = next(self._decoder)
+            self._next_index += 1
+            if self._next_index - 1 == i:
+                return frame
+
+    def _read_file(self, p: Path) -> np.ndarray:
+        arr = _open_rgb(p)
+        if (arr.shape[1], arr.shape[0]) != self.size:
+            raise ValueError(
+                f'frame {p} decoded as {arr.shape[1]}x{arr.shape[0]}, expected {self.size[0]}x{self.size[1]}'
+            )
+        return arr
+
+    def _decode(self) -> Iterator[np.ndarray]:
+        import av
+
+        try:
+            with av.open(str(self.path)) as container:
+                stream = container.streams.video[0]
+                stream.thread_type = 'AUTO'
+                for j, frame in enumerate(container.decode(stream)):
+                    if j >= self._range.stop:
+                        break
+                    if j >= self._range.start:
+                        arr = frame.to_ndarray(format='rgb24')
+                        if (arr.shape[1], arr.shape[0]) != self.size:
+                            raise ValueError(
+                                f'frame {j} of {self.path} is {arr.shape[1]}x{arr.shape[0]}, '
+                                f'expected {self.size[0]}x{self.size[1]}'
+                            )
+                        yield arr
+        except av.error.FFmpegError as e:
+            raise ValueError(f'cannot decode video {self.path}: {e}') from e
+
+    def __repr__(self) -> str:
+        kind = 'video' if self.is_video else 'folder'
+        return (
+            f'FrameSource({kind} {str(self.path)!r}, {len(self)} frames, {self.size[0]}x{self.size[1]}, fps={self.fps})'
+        )
+
+
+def _temp_sibling(path: Path) -> Path:
+    """A fresh hidden temporary name next to `path` (same folder, so os.replace onto `path` is atomic)."""
+    return path.with_name(f'.{path.name}.{uuid.uuid4().hex[:12]}.tmp')
+
+
+def _as_rate(fps: float | Fraction) -> Fraction:
+    rate = fps if isinstance(fps, Fraction) else Fraction(fps).limit_denominator(100_000)
+    if rate <= 0:
+        raise ValueError(f'fps must be positive, got {fps}')
+    return rate
+
+
+def _as_uint8_rgb(frame: np.ndarray | Image.Image) -> np.ndarray:
+    if isinstance(frame, Image.Image):
+        return np.asarray(frame.convert('RGB'))
+    arr = np.asarray(frame)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f'expected an RGB uint8 array [H, W, 3], got {arr.dtype} {arr.shape}')
+    return arr
+
+
+class VideoWriter:
+    """H.264 mp4 writer (libx264, yuv420p) that appears atomically at `path` when closed.
+
+    Frames go to a temporary file in the same folder, which `close()` renames onto `path` (os.replace); on an error
+    inside a `with` block the temporary file is removed and `path` is left untouched. Odd frame sizes are padded to
+    even (the last row/column repeated), so the stored size is rounded up to even.
+
+    Args:
+        path: output .mp4 path; its folder is created if needed.
+        fps: frame rate, e.g. 25 or Fraction(30000, 1001) (a float is turned into the nearest small fraction).
+        crf: x264 constant rate factor (0 lossless .. 51; 18 is visually lossless).
+    """
+
+    def __init__(self, path: str | os.PathLike, fps: float | Fraction, crf: int = 18) -> None:
+        self.path = Path(path)
+        self.rate = _as_rate(fps)
+        self.crf = crf
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = _temp_sibling(self.path)
+        self._container = None
+        self._stream = None
+        self._size: tuple[int, int] | None = None
+        self.n_frames = 0
+
+    def write(self, frame: np.ndarray | Image.Image) -> None:
+        """Append one RGB uint8 frame [H, W, 3] (or PIL image); every frame must have the size of the first."""
+        import av
+
+        arr = _as_uint8_rgb(frame)
+        h, w = arr.shape[:2]
+        if self._container is None:
+            self._size = (w, h)
+            self._container = av.open(str(self._tmp), mode='w', format='mp4')
+            self._stream = self._container.add_stream('libx264', rate=self.rate)
+            self._stream.width, self._stream.height = w + w % 2, h + h % 2
+            self._stream.pix_fmt = 'yuv420p'
+            self._stream.codec_context.time_base = 1 / self.rate
+            self._stream.options = {'crf': str(self.crf)}
+        elif (w, h) != self._size:
+            raise ValueError(f'frame {self.n_frames} is {w}x{h}, but the video is {self._size[0]}x{self._size[1]}')
+        if w % 2 or h % 2:
+            arr = np.pad(arr, ((0, h % 2), (0, w % 2), (0, 0)), mode='edge')
+        vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format='rgb24').reformat(format='yuv420p')
+        vf.pts = self.n_frames
+        vf.time_base = 1 / self.rate
+        for packet in self._stream.encode(vf):
+            self._container.mux(packet)
+        self.n_frames += 1
+
+    def close(self) -> Path:
+        """Flush the encoder and move the finished file onto `path`; returns `path`."""
+        if self._container is None:
+            self.abort()
+            raise ValueError(f'no frame written to {self.path}')
+        for packet in self._stream.encode():
+            self._container.mux(packet)
+        self._container.close()
+        self._container = None
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the partial output (the temporary file); `path` is not touched."""
+        if self._container is not None:
+            with contextlib.suppress(Exception):  # already failing; the temp file goes anyway
+                self._container.close()
+            self._container = None
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_video(
+    path: str | os.PathLike, frames: Iterable[np.ndarray | Image.Image], fps: float | Fraction, crf: int = 18
+) -> Path:
+    """Write RGB uint8 frames [H, W, 3] as an H.264 mp4 at `fps` (atomically, see `VideoWriter`); returns `path`."""
+    with VideoWriter(path, fps, crf=crf) as writer:
+        for frame in frames:
+            writer.write(frame)
+    return Path(path)
+
+
+def read_video_info(path: str | os.PathLike) -> tuple[int, float, tuple[int, int]]:
+    """(number of decoded frames, frame rate, (width, height)) of a video file, counted by decoding it."""
+    import av
+
+    path = Path(path)
+    n, size = 0, None
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError(f'no video stream in {path}')
+            stream = container.streams.video[0]
+            stream.thread_type = 'AUTO'
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            for frame in container.decode(stream):
+                size = size or (frame.width, frame.height)
+                n += 1
+    except av.error.FFmpegError as e:
+        raise ValueError(f'cannot decode video {path}: {e}') from e
+    if size is None:
+        raise ValueError(f'cannot decode video {path}: no frame decoded')
+    return n, float(rate) if rate else float('nan'), size
+
+
+def save_image_atomic(path: str | os.PathLike, image: np.ndarray | Image.Image, format: str | None = None) -> Path:
+    """Save `image` (uint8 array [H, W], [H, W, 3] or [H, W, 4], or a PIL image) atomically.
+
+    The image is written to a temporary file in the same folder and renamed onto `path`, so readers never see a
+    partial file. The format follows the extension of `path`, PNG when it has none (or pass `format`).
+    """
+    path = Path(path)
+    if not isinstance(image, Image.Image):
+        arr = np.asarray(image)
+        if arr.dtype != np.uint8:
+            raise ValueError(f'expected a uint8 image array, got {arr.dtype}')
+        image = Image.fromarray(arr)
+    if format is None:
+        format = Image.registered_extensions().get(path.suffix.lower(), 'PNG')
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(path)
+    try:
+        with open(tmp, 'xb') as f:
+            image.save(f, format=format)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
