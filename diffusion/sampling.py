@@ -47,7 +47,8 @@ def ddim_step(x_t: Tensor, eps: Tensor, a_t: Tensor, a_next: Tensor, clip: bool 
     """
     x0 = predict_x0(x_t, eps, a_t, clip)
     eps = (_coef((1.0 / a_t).sqrt(), x_t) * x_t - x0) / _coef((1.0 / a_t - 1).sqrt(), x_t)
-    return _coef(a_next.sqrt(), x_t) * x0 + _coef((1 - a_next).sqrt(), x_t) * eps, x0
+    a_next = a_next.to(x_t.dtype)  # the released code looks alpha_bar_next up as float32 and takes its roots there
+    return x0 * a_next.sqrt() + (1 - a_next).sqrt() * eps, x0
 
 
 def _progress(iterable, progress: bool, desc: str):

@@ -5,6 +5,7 @@ import bisect
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -58,8 +59,8 @@ class NoiseSchedule:
     @classmethod
     def linear(cls, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> NoiseSchedule:
         """The DDPM linear schedule (Ho et al. 2020): beta_t linear in t, alpha_bar_t = prod_{s<=t} (1 - beta_s)."""
-        betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
-        return cls(torch.cumprod(1.0 - betas, 0), torch.arange(num_timesteps))
+        betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)  # numpy: bit-equal to released
+        return cls(torch.from_numpy(np.cumprod(1.0 - betas)), torch.arange(num_timesteps))
 
     def __len__(self) -> int:
         return len(self.timesteps)
@@ -71,9 +72,16 @@ class NoiseSchedule:
         return 1.0 - self.alpha_bar / prev
 
     def respace(self, steps: int | str) -> NoiseSchedule:
-        """The schedule restricted to `space_timesteps(len(self), steps)`; alpha_bar'_i = alpha_bar[tau_i]."""
+        """The schedule restricted to `space_timesteps(len(self), steps)`: alpha_bar'_i = alpha_bar[tau_i].
+
+        Computed as the released code does, through the respaced betas (beta'_i = 1 - ab[tau_i] / ab[tau_{i-1}],
+        ab' = cumprod(1 - beta')), which rounds differently from indexing in the last bit; DDIM with clipping
+        amplifies such differences, so parity needs the same arithmetic.
+        """
         keep = torch.tensor(space_timesteps(len(self), steps))
-        return NoiseSchedule(self.alpha_bar[keep], self.timesteps[keep])
+        kept = self.alpha_bar[keep].numpy()
+        betas = 1.0 - kept / np.concatenate([[1.0], kept[:-1]])
+        return NoiseSchedule(torch.from_numpy(np.cumprod(1.0 - betas)), self.timesteps[keep])
 
     def at(self, index: Tensor | int, like: Tensor) -> Tensor:
         """alpha_bar at sampler indices, float64 on like's device, broadcast to `like` ([B] -> [B,1,...,1]).

@@ -31,7 +31,7 @@ def test_respacing_table(n, stride):
     assert space_timesteps(1000, f'ddim{n}') == list(range(0, 1000, stride))
     r = NoiseSchedule.linear().respace(n)
     full = NoiseSchedule.linear()
-    assert torch.equal(r.alpha_bar, full.alpha_bar[::stride][:n])
+    assert torch.allclose(r.alpha_bar, full.alpha_bar[::stride][:n], rtol=1e-12, atol=0)
     # respaced betas reproduce the kept alpha_bar
     assert torch.allclose(torch.cumprod(1 - r.betas, 0), r.alpha_bar)
 
