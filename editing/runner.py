@@ -124,3 +124,5 @@ def encode(args: argparse.Namespace, run: EditRun) -> EncodedVideo:
                             args.center_sigma, args.xy_sigma, run.timer)
     except NoFaceError as e:
         raise SystemExit(f'{args.video_path}: {e}. Is there a frontal face in the video?') from None
+    except ValueError as e:  # a frame that fails to decode part-way (the header check passed)
+        raise SystemExit(f'cannot read --video_path {args.video_path}: {e}') from None

@@ -1,0 +1,188 @@
+"""End-to-end editing on real frames with the tiny preset and random weights written in the released formats."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import editing_classifier
+import editing_CLIP
+import templates
+from model.autoencoder import DiffusionVideoAutoencoder
+from video_io import read_video_info
+
+N_FRAMES = 3
+
+
+@pytest.fixture(scope='module')
+def weights(tmp_path_factory) -> dict[str, Path]:
+    """A tiny DVA checkpoint and a classifier checkpoint, both in the released layouts, with random weights."""
+    root = tmp_path_factory.mktemp('weights')
+    torch.manual_seed(0)
+    model = DiffusionVideoAutoencoder(templates.tiny())
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # zero-initialised output layers would make every render equal its x_T
+        for name, p in model.named_parameters():
+            if not p.any():
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+    sd = model.state_dict()
+    ckpt = root / 'last.ckpt'
+    torch.save({'state_dict': {**{f'model.{k}': v for k, v in sd.items()}, **{f'ema_model.{k}': v for k, v in sd.items()}},
+                'global_step': 0, 'epoch': 0}, ckpt)
+    w = torch.randn(40, 512, generator=gen)
+    cls = root / 'cls.ckpt'
+    torch.save({'state_dict': {'conds_mean': torch.randn(1, 512, generator=gen) * 0.01, 'conds_std': torch.rand(1, 512, generator=gen) + 0.5,
+                               'classifier.weight': w, 'classifier.bias': torch.zeros(40), 'ema_classifier.weight': w,
+                               'ema_classifier.bias': torch.zeros(40)}, 'global_step': 1}, cls)
+    return {'ckpt': ckpt, 'cls': cls}
+
+
+def frames_folder(sample_video_dir: Path, dest: Path, n: int = N_FRAMES) -> Path:
+    dest.mkdir(parents=True)
+    for p in sorted(sample_video_dir.glob('*.jpeg'))[:n]:
+        shutil.copy(p, dest / p.name)
+    return dest
+
+
+def common(weights, out: Path, cache: Path) -> list[str]:
+    return ['--checkpoint', str(weights['ckpt']), '--template', 'tiny', '--T', '5', '--batch_size', '2', '--device', 'cpu',
+            '--out', str(out), '--cache_dir', str(cache), '--quiet']
+
+
+def cls_args(weights, out, cache, video, *extra) -> list[str]:
+    return ['--video_path', str(video), '--cls_checkpoint', str(weights['cls']), *common(weights, out, cache), *extra]
+
+
+def outside_quad(frame_shape, quad: np.ndarray) -> np.ndarray:
+    """Boolean mask of pixels outside the quad's bounding box (plus one pixel of bilinear spill)."""
+    h, w = frame_shape[:2]
+    x0, y0 = np.floor(quad.min(0)).astype(int) - 1
+    x1, y1 = np.ceil(quad.max(0)).astype(int) + 2
+    m = np.ones((h, w), bool)
+    m[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = False
+    return m
+
+
+def test_classifier_edit_end_to_end_and_cache(weights, sample_video_dir, tmp_path):
+    out, cache = tmp_path / 'out', tmp_path / 'cache'
+    summary = editing_classifier.main(cls_args(weights, out, cache, sample_video_dir, '--max_num', str(N_FRAMES),
+                                               '--attribute', 'Mustache', 'Eyeglasses', '--scale', '0', '0.5',
+                                               '--save_recon'))
+    assert summary['frames'] == N_FRAMES and summary['cache_hits'] == {'align': False, 'invert': False}
+    src = [np.asarray(Image.open(p).convert('RGB')) for p in sorted(sample_video_dir.glob('*.jpeg'))[:N_FRAMES]]
+    names = [p.stem for p in sorted(sample_video_dir.glob('*.jpeg'))[:N_FRAMES]]
+    crops = sorted((out / 'crops').glob('*.png'))
+    assert [p.stem for p in crops] == names and Image.open(crops[0]).size == (32, 32)
+    cached = list(cache.glob('align-*'))
+    assert len(cached) == 1
+    quads = torch.load(cached[0] / 'data.pt', weights_only=True)['quads'].numpy()
+    for folder in ('Mustache_0.00', 'Mustache_0.50', 'Eyeglasses_0.00', 'Eyeglasses_0.50'):
+        d = out / folder
+        assert sorted(p.stem for p in (d / 'frames').glob('*.png')) == names
+        assert len(list((d / 'blend').glob('*.png'))) == N_FRAMES
+        n, fps, size = read_video_info(d / 'out.mp4')
+        assert (n, round(fps), size) == (N_FRAMES, 20, (1920, 1080))
+        assert read_video_info(d / 'side_by_side.mp4')[0] == N_FRAMES
+        cfg = json.loads((d / 'config.json').read_text())
+        assert cfg['args']['T'] == 5 and 'torch' in cfg['software']
+        for i, name in enumerate(names):
+            edited = np.asarray(Image.open(d / 'frames' / f'{name}.png'))
+            assert edited.shape == src[i].shape
+            keep = outside_quad(edited.shape, quads[i])
+            assert np.array_equal(edited[keep], src[i][keep])  # only the face region is pasted
+            assert not np.array_equal(edited, src[i])
+    # scale 0 reproduces the plain reconstruction; a non-zero scale does not
+    for name in names:
+        recon = np.asarray(Image.open(out / 'recon' / f'{name}.png')).astype(int)
+        zero = np.asarray(Image.open(out / 'Mustache_0.00' / 'frames' / f'{name}.png')).astype(int)
+        edit = np.asarray(Image.open(out / 'Mustache_0.50' / 'frames' / f'{name}.png')).astype(int)
+        assert np.abs(recon - zero).max() <= 1
+        assert np.abs(recon - edit).max() > 1
+    # a second edit of the same video skips alignment and inversion
+    summary = editing_classifier.main(cls_args(weights, out, cache, sample_video_dir, '--max_num', str(N_FRAMES),
+                                               '--attribute', 'Smiling', '--scale', '-0.3'))
+    assert summary['cache_hits'] == {'align': True, 'invert': True}
+    assert 'invert' not in summary['seconds'] and (out / 'Smiling_-0.30' / 'out.mp4').is_file()
+    # an existing result is never overwritten silently
+    with pytest.raises(SystemExit, match='already exists'):
+        editing_classifier.main(cls_args(weights, out, cache, sample_video_dir, '--max_num', str(N_FRAMES),
+                                         '--attribute', 'Smiling', '--scale', '-0.3'))
+    editing_classifier.main(cls_args(weights, out, cache, sample_video_dir, '--max_num', str(N_FRAMES),
+                                     '--attribute', 'Smiling', '--scale', '-0.3', '--overwrite', '--blend', 'feather'))
+    assert json.loads((out / 'Smiling_-0.30' / 'config.json').read_text())['blend'] == 'feather'
+
+
+def test_video_file_input_keeps_source_rate(weights, test_videos_dir, tmp_path):
+    out = tmp_path / 'out'
+    editing_classifier.main(cls_args(weights, out, tmp_path / 'cache', test_videos_dir / 'sample_24f_540p.mp4',
+                                     '--start', '2', '--max_num', '2', '--attribute', 'Bald', '--scale', '0.2'))
+    n, fps, size = read_video_info(out / 'Bald_0.20' / 'out.mp4')
+    assert (n, round(fps), size) == (2, 25, (960, 540))
+    assert sorted(p.stem for p in (out / 'Bald_0.20' / 'frames').glob('*.png')) == ['000002', '000003']
+
+
+def test_blanked_face_is_interpolated_and_non_images_ignored(weights, sample_video_dir, tmp_path):
+    video = frames_folder(sample_video_dir, tmp_path / 'clip')
+    middle = sorted(video.glob('*.jpeg'))[1]
+    Image.new('RGB', Image.open(middle).size).save(middle)
+    (video / 'notes.txt').write_text('not a frame')
+    (video / 'sub').mkdir()
+    summary = editing_classifier.main(cls_args(weights, tmp_path / 'out', tmp_path / 'cache', video,
+                                               '--attribute', 'Mustache', '--scale', '0.3'))
+    assert summary['frames'] == N_FRAMES and summary['faces_missing'] == [middle.stem]
+    assert json.loads((tmp_path / 'out' / 'summary.json').read_text())['faces_missing'] == [middle.stem]
+
+
+def test_clip_edit_runs_saves_and_reuses_direction(weights, sample_video_dir, tmp_path):
+    out, cache = tmp_path / 'out', tmp_path / 'cache'
+    args = ['--video_path', str(sample_video_dir), '--max_num', '2', *common(weights, out, cache), '--random_clip', 'tiny',
+            '--n_iter', '3', '--n_train_step', '2', '--attribute', 'beard', '--trg_txt', 'face with beard',
+            '--id_loss_w', '0.5']
+    editing_CLIP.main(args + ['--scale', '1'])
+    directions = list((out / 'directions').glob('*.pt'))
+    assert len(directions) == 1
+    folder = out / 'beard_0.0020_id0.5_l15_scale1'
+    assert read_video_info(folder / 'out.mp4')[0] == 2
+    summary = editing_CLIP.main(args + ['--scale', '2'])
+    assert summary['cache_hits'] == {'align': True, 'invert': True} and 'clip search' not in summary['seconds']
+    assert (out / 'beard_0.0020_id0.5_l15_scale2' / 'out.mp4').is_file()
+
+
+@pytest.mark.parametrize('case', ['empty', 'unreadable', 'sizes', 'noface', 'attribute', 'T', 'checkpoint', 'missing'])
+def test_bad_input_fails_clearly_and_writes_no_result(case, weights, sample_video_dir, tmp_path):
+    video = tmp_path / 'clip'
+    extra = ['--attribute', 'Mustache', '--scale', '0.3']
+    w = dict(weights)
+    expect = {'empty': 'no image', 'unreadable': 'broken.png', 'sizes': 'must have the same size',
+              'noface': 'no face', 'attribute': 'unknown attribute', 'T': 'nearest valid values: 36 or 38',
+              'checkpoint': 'not found', 'missing': 'not found'}[case]
+    if case == 'empty':
+        video.mkdir()
+        (video / 'readme.txt').write_text('x')
+    elif case == 'missing':
+        pass
+    elif case == 'noface':
+        video.mkdir()
+        for i in range(2):
+            Image.new('RGB', (320, 240)).save(video / f'{i}.png')
+    else:
+        frames_folder(sample_video_dir, video, 2)
+        if case == 'unreadable':
+            (video / 'broken.png').write_bytes(b'not a png')
+        elif case == 'sizes':
+            Image.new('RGB', (64, 64)).save(video / 'small.png')
+        elif case == 'attribute':
+            extra = ['--attribute', 'Moustache', '--scale', '0.3']
+        elif case == 'T':
+            extra += ['--T', '37']
+        elif case == 'checkpoint':
+            w['ckpt'] = tmp_path / 'nope.ckpt'
+    out = tmp_path / 'out'
+    with pytest.raises(SystemExit, match=expect):
+        editing_classifier.main(cls_args(w, out, tmp_path / 'cache', video, *extra))
+    assert not (out / 'Mustache_0.30').exists()
