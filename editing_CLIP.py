@@ -100,12 +100,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.n_iter < 1 or args.n_train_step < 2:
         raise SystemExit('--n_iter must be at least 1 and --n_train_step at least 2')
-    from editing.pipeline import check_T
+    from editing.clip_edit import apply_clip_direction
+    from editing.pipeline import check_T, edit_dir_ready, finish_identity
 
     check_T(args.n_train_step)
-    from editing.clip_edit import apply_clip_direction
-    from editing.pipeline import EditResult, edit_dir_ready, finish_identity, print_summary, render_identity, write_outputs
-    from editing.runner import encode, start_run
+    from editing.runner import encode, finish, start_run
 
     run = start_run(args, 'editing_CLIP')
 
@@ -116,20 +115,10 @@ def main(argv: list[str] | None = None) -> dict:
         edit_dir_ready(folder(s), args.overwrite)
     enc = encode(args, run)
     path, found = find_or_load_direction(args, run, enc)
-    results = []
-    for s in args.scale:
-        edited = finish_identity(apply_clip_direction(enc.avg_id, found.delta, s), enc.avg_id, args.edit_norm)
-        with run.timer('render'):
-            render = render_identity(run.rt, enc, edited, desc=f'render {args.attribute} x{s:g}')
-        results.append(EditResult(folder(s).name, folder(s), render,
-                                  {'src_txt': args.src_txt, 'trg_txt': args.trg_txt, 'scale': s, 'direction': str(path)}))
-    recon = None
-    if args.save_recon:
-        with run.timer('render'):
-            recon = render_identity(run.rt, enc, enc.avg_id, desc='reconstruction')
-    outputs = write_outputs(run.source, enc, results, run.out_root, run.fps, args.blend, args.feather, recon,
-                            args.overwrite, run.timer, not args.quiet, run.run_config)
-    return print_summary(enc, run.timer, outputs, run.out_root)
+    edits = [(folder(s).name, finish_identity(apply_clip_direction(enc.avg_id, found.delta, s), enc.avg_id, args.edit_norm),
+              {'src_txt': args.src_txt, 'trg_txt': args.trg_txt, 'scale': s, 'direction': str(path)})
+             for s in args.scale]
+    return finish(args, run, enc, edits)
 
 
 if __name__ == '__main__':

@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = [a for a in args.attribute if a not in CELEBA_ATTRIBUTES]
     if unknown:
         raise SystemExit(f'unknown attribute(s) {unknown}; choose from: {", ".join(CELEBA_ATTRIBUTES)}')
-    from editing.pipeline import EditResult, edit_dir_ready, finish_identity, print_summary, render_identity, write_outputs
-    from editing.runner import encode, start_run
+    from editing.pipeline import edit_dir_ready, finish_identity
+    from editing.runner import encode, finish, start_run
     from model.pretrained import WeightsError, load_classifier
 
     try:
@@ -51,22 +51,13 @@ def main(argv: list[str] | None = None) -> dict:
     for a, s in pairs:  # fail before any heavy work when a result exists
         edit_dir_ready(run.out_root / f'{a}_{s:.2f}', args.overwrite)
     enc = encode(args, run)
-    results = []
+    edits = []
     for a, s in pairs:
         idx = CELEBA_ATTRIBUTES.index(a)
         edited = clf.edit_identity(enc.avg_id, idx, s) if args.normalize else clf.edit_identity_raw(enc.avg_id, idx, s)
-        edited = finish_identity(edited, enc.avg_id, args.edit_norm)
-        with run.timer('render'):
-            render = render_identity(run.rt, enc, edited, desc=f'render {a} {s:+.2f}')
-        results.append(EditResult(f'{a}_{s:.2f}', run.out_root / f'{a}_{s:.2f}', render,
-                                  {'attribute': a, 'scale': s, 'cls_checkpoint': args.cls_checkpoint}))
-    recon = None
-    if args.save_recon:
-        with run.timer('render'):
-            recon = render_identity(run.rt, enc, enc.avg_id, desc='reconstruction')
-    outputs = write_outputs(run.source, enc, results, run.out_root, run.fps, args.blend, args.feather, recon,
-                            args.overwrite, run.timer, not args.quiet, run.run_config)
-    return print_summary(enc, run.timer, outputs, run.out_root)
+        edits.append((f'{a}_{s:.2f}', finish_identity(edited, enc.avg_id, args.edit_norm),
+                      {'attribute': a, 'scale': s, 'cls_checkpoint': args.cls_checkpoint}))
+    return finish(args, run, enc, edits)
 
 
 if __name__ == '__main__':

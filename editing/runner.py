@@ -9,7 +9,8 @@ from typing import Any
 import cli
 import templates
 from editing.cache import DEFAULT_CACHE, Cache
-from editing.pipeline import EncodedVideo, Runtime, StageTimer, check_T, encode_video
+from editing.pipeline import (EditResult, EncodedVideo, Runtime, StageTimer, check_T, encode_video, print_summary,
+                              render_identity, write_outputs)
 
 DEFAULT_CKPT_DIR = Path('checkpoints/diffusion_video_autoencoder')
 
@@ -126,3 +127,20 @@ def encode(args: argparse.Namespace, run: EditRun) -> EncodedVideo:
         raise SystemExit(f'{args.video_path}: {e}. Is there a frontal face in the video?') from None
     except ValueError as e:  # a frame that fails to decode part-way (the header check passed)
         raise SystemExit(f'cannot read --video_path {args.video_path}: {e}') from None
+
+
+def finish(args: argparse.Namespace, run: EditRun, enc: EncodedVideo, edits: list[tuple[str, Any, dict]]) -> dict:
+    """Render every (folder name, edited identity [1,512], settings) edit from the cached x_T, plus the
+    reconstruction with --save_recon, then write all outputs in one pass over the frames and print the summary."""
+    results = []
+    for name, identity, settings in edits:
+        with run.timer('render'):
+            render = render_identity(run.rt, enc, identity, desc=f'render {name}')
+        results.append(EditResult(name, run.out_root / name, render, settings))
+    recon = None
+    if args.save_recon:
+        with run.timer('render'):
+            recon = render_identity(run.rt, enc, enc.avg_id, desc='reconstruction')
+    outputs = write_outputs(run.source, enc, results, run.out_root, run.fps, args.blend, args.feather, recon,
+                            args.overwrite, run.timer, not args.quiet, run.run_config)
+    return print_summary(enc, run.timer, outputs, run.out_root)
