@@ -56,11 +56,19 @@ def read_file(path: str | os.PathLike, kind: str, trust: bool = False) -> Any:
     try:
         return torch.load(path, map_location='cpu', weights_only=not trust)
     except pickle.UnpicklingError as e:
+        if 'Unsupported global' not in str(e):  # not a disallowed class: the bytes are not a torch file at all
+            raise WeightsError(f'cannot read {path} as a torch file (not a pickle or zip checkpoint). Is it '
+                               f'truncated or of another kind? {how}'.rstrip()) from e
         raise WeightsError(
-            f'{path} holds Python objects that a weights-only load refuses ({str(e).splitlines()[0]}). If you trust '
+            f'{path} holds Python objects that a weights-only load refuses ({_unsupported(e)}). If you trust '
             f'the file, pass --trust_checkpoint to load it with full unpickling.') from e
     except Exception as e:  # noqa: BLE001 - any failure here means the file is not a torch file
         raise WeightsError(f'cannot read {path} as a torch file ({type(e).__name__}: {e}). Is it truncated? {how}') from e
+
+
+def _unsupported(e: Exception) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if 'Unsupported global' in line]
+    return lines[0] if lines else type(e).__name__
 
 
 def _key_report(expected: list[str], got: list[str], limit: int = 8) -> str:
