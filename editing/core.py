@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from cli import autocast
-from diffusion import NoiseSchedule, ddim_invert, ddim_sample
+from diffusion import NoiseSchedule, ddim_invert, ddim_sample, dpm_solver_sample
 
 
 def to_unit(x: Tensor) -> Tensor:
@@ -25,13 +25,20 @@ def batches(n: int, batch_size: int) -> Iterator[slice]:
         yield slice(start, min(n, start + batch_size))
 
 
-def conditioned_eps(model: nn.Module, z_face: Tensor, precision: str = 'fp32') -> Callable[[Tensor, Tensor], Tensor]:
-    """eps_fn(x_t, t) = model(x_t, t, z_face) with autocast around the network call only; output in float32."""
+def conditioned_eps(model: nn.Module, z_face: Tensor, precision: str = 'fp32', micro_batch: int | None = None
+                    ) -> Callable[[Tensor, Tensor], Tensor]:
+    """eps_fn(x_t, t) = model(x_t, t, z_face) with autocast around the network call only; output in float32.
+
+    micro_batch: run the network on slices of at most this many samples (CPU: 1, see `editing.speed`).
+    """
+    from editing.speed import chunked
+
     device = z_face.device
+    net = chunked(model, micro_batch)
 
     def eps_fn(x_t: Tensor, t: Tensor) -> Tensor:
         with autocast(device, precision):
-            return model(x_t, t, z_face).float()
+            return net(x_t, t, z_face).float()
 
     return eps_fn
 
@@ -75,12 +82,13 @@ def face_masks(model: nn.Module, crops: Tensor, batch_size: int, device: torch.d
 
 @torch.no_grad()
 def invert(model: nn.Module, crops: Tensor, z_face: Tensor, schedule: NoiseSchedule, batch_size: int,
-           device: torch.device, precision: str = 'fp32', progress: bool = False) -> Tensor:
+           device: torch.device, precision: str = 'fp32', progress: bool = False, micro_batch: int | None = None
+           ) -> Tensor:
     """DDIM inversion of crops [N,3,S,S] conditioned on z_face [N,512] -> x_T [N,3,S,S] (N-1 steps per frame)."""
     out = []
     with _progress(len(crops), 'invert', progress) as bar:
         for sl in batches(len(crops), batch_size):
-            eps_fn = conditioned_eps(model, z_face[sl].to(device), precision)
+            eps_fn = conditioned_eps(model, z_face[sl].to(device), precision, micro_batch)
             out.append(ddim_invert(eps_fn, crops[sl].to(device).float(), schedule).cpu())
             bar.update(sl.stop - sl.start)
     return torch.cat(out)
@@ -88,13 +96,23 @@ def invert(model: nn.Module, crops: Tensor, z_face: Tensor, schedule: NoiseSched
 
 @torch.no_grad()
 def render(model: nn.Module, x_T: Tensor, z_face: Tensor, schedule: NoiseSchedule, batch_size: int,
-           device: torch.device, precision: str = 'fp32', progress: bool = False, desc: str = 'render') -> Tensor:
-    """DDIM sampling from x_T [N,3,S,S] with z_face [N,512] -> x0 [N,3,S,S] in [-1,1] (N steps per frame)."""
+           device: torch.device, precision: str = 'fp32', progress: bool = False, desc: str = 'render',
+           micro_batch: int | None = None, decoder: str = 'ddim', decoder_steps: int | None = None,
+           decoder_spacing: str = 'time') -> Tensor:
+    """Render x0 [N,3,S,S] in [-1,1] from x_T [N,3,S,S] with z_face [N,512].
+
+    decoder 'ddim': the released DDIM sampler, N network calls per frame. 'dpm++2m': DPM-Solver++(2M) from the same
+    x_T in `decoder_steps` calls (None = N) on `decoder_spacing` ('time' or 'logsnr') points of the schedule.
+    """
     out = []
     with _progress(len(x_T), desc, progress) as bar:
         for sl in batches(len(x_T), batch_size):
-            eps_fn = conditioned_eps(model, z_face[sl].to(device), precision)
-            out.append(ddim_sample(eps_fn, x_T[sl].to(device).float(), schedule).cpu())
+            eps_fn = conditioned_eps(model, z_face[sl].to(device), precision, micro_batch)
+            x = x_T[sl].to(device).float()
+            if decoder == 'ddim':
+                out.append(ddim_sample(eps_fn, x, schedule).cpu())
+            else:
+                out.append(dpm_solver_sample(eps_fn, x, schedule, decoder_steps, spacing=decoder_spacing).cpu())
             bar.update(sl.stop - sl.start)
     return torch.cat(out)
 

@@ -56,6 +56,10 @@ class Runtime:
     batch_size: int = 4
     precision: str = 'fp32'
     progress: bool = True
+    micro_batch: int | None = None  # network slice size inside a batch (CPU: 1, see editing.speed.micro_batch_size)
+    decoder: Literal['ddim', 'dpm++2m'] = 'ddim'  # renderer from x_T; the inversion is always DDIM
+    decoder_steps: int | None = None  # network calls of the dpm++2m decoder (None: T)
+    decoder_spacing: Literal['time', 'logsnr'] = 'time'
     schedule: NoiseSchedule = field(init=False)
 
     def __post_init__(self) -> None:
@@ -130,7 +134,8 @@ def encode_crops(rt: Runtime, crops: Tensor, timer: StageTimer | None = None) ->
         masks = core.face_masks(rt.model, crops, rt.batch_size, rt.device, 'video')
         z_avg = core.z_faces(rt.model, core.average_identity(id_feats), lnd, rt.device)
     with timer('invert'):
-        x_T = core.invert(rt.model, crops, z_avg, rt.schedule, rt.batch_size, rt.device, rt.precision, rt.progress)
+        x_T = core.invert(rt.model, crops, z_avg, rt.schedule, rt.batch_size, rt.device, rt.precision, rt.progress,
+                          rt.micro_batch)
     return {'id_feats': id_feats, 'lnd_feats': lnd, 'masks': masks, 'x_T': x_T}
 
 
@@ -205,7 +210,8 @@ def finish_identity(edited_unit: Tensor, avg_id: Tensor, mode: EditNorm) -> Tens
 def render_identity(rt: Runtime, enc: EncodedVideo, id_feat: Tensor, desc: str = 'render') -> Tensor:
     """DDIM render of every frame from its x_T with identity id_feat [1,512] and the frame's own landmarks."""
     z = core.z_faces(rt.model, id_feat, enc.lnd_feats, rt.device)
-    return core.render(rt.model, enc.x_T, z, rt.schedule, rt.batch_size, rt.device, rt.precision, rt.progress, desc)
+    return core.render(rt.model, enc.x_T, z, rt.schedule, rt.batch_size, rt.device, rt.precision, rt.progress, desc,
+                       rt.micro_batch, rt.decoder, rt.decoder_steps, rt.decoder_spacing)
 
 
 # --------------------------------------------------------------------------------------------------------------------

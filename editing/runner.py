@@ -30,7 +30,16 @@ def add_edit_args(parser: argparse.ArgumentParser, out_root: str) -> None:
                         'timings; the released scripts default to 1000). Valid values are the step counts an integer '
                         'stride of 1000 gives (e.g. 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000); others are rejected '
                         'with the nearest valid values')
-    g.add_argument('--batch_size', type=int, default=4, help='frames per network batch (default 4)')
+    g.add_argument('--batch_size', type=_batch_size, default=4,
+                   help='frames per network batch, or auto (CUDA: the largest batch that fits free memory; CPU: 4)')
+    g.add_argument('--channels_last', action=argparse.BooleanOptionalAction, default=True,
+                   help='NHWC memory format for the networks (faster convolutions on CUDA)')
+    g.add_argument('--compile', action='store_true', help='torch.compile the UNet (slow first batch, faster after)')
+    g.add_argument('--decoder', choices=('ddim', 'dpm++2m'), default='ddim',
+                   help='renderer from x_T: ddim (released, T calls) or dpm++2m (DPM-Solver++, --decoder_steps calls)')
+    g.add_argument('--decoder_steps', type=int, default=None, help='network calls of the dpm++2m decoder (default T)')
+    g.add_argument('--decoder_spacing', choices=('time', 'logsnr'), default='time',
+                   help='time points of the dpm++2m decoder among the respaced timesteps')
     g.add_argument('--checkpoint', default=None,
                    help=f'DVA checkpoint (default {DEFAULT_CKPT_DIR}/epoch=51-step=1000000.ckpt, else last.ckpt there)')
     g.add_argument('--template', default='diffusion_video_autoencoder', choices=sorted(templates.PRESETS),
@@ -63,6 +72,18 @@ def add_edit_args(parser: argparse.ArgumentParser, out_root: str) -> None:
     g.add_argument('--quiet', action='store_true', help='no progress bars')
 
 
+def _batch_size(text: str) -> int | str:
+    if text == 'auto':
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is neither a positive integer nor auto') from None
+    if value < 1:
+        raise argparse.ArgumentTypeError('--batch_size must be at least 1')
+    return value
+
+
 def resolve_checkpoint(arg: str | None) -> Path:
     if arg:
         return Path(arg)
@@ -93,8 +114,8 @@ def start_run(args: argparse.Namespace, out_root_default: str) -> EditRun:
     from video_io import FrameSource
 
     check_T(args.T)
-    if args.batch_size < 1:
-        raise SystemExit('--batch_size must be at least 1')
+    if args.decoder_steps is not None and not 1 <= args.decoder_steps <= args.T:
+        raise SystemExit(f'--decoder_steps must be between 1 and --T ({args.T})')
     device = cli.resolve_device(args.device)
     try:
         source = FrameSource(args.video_path, start=args.start, end=args.end, max_num=args.max_num)
@@ -107,12 +128,20 @@ def start_run(args: argparse.Namespace, out_root_default: str) -> EditRun:
         raise SystemExit(str(e)) from None
     check_T(args.T, cfg.diffusion.num_timesteps)
     cli.set_cpu_threads()
-    rt = Runtime(model.to(device), ckpt, device, args.T, args.batch_size, args.precision, progress=not args.quiet)
+    from editing.speed import auto_batch_size, micro_batch_size, optimize_for_inference
+
+    model = model.to(device)
+    S = cfg.unet.image_size
+    batch_size = auto_batch_size(model, S, device, args.precision) if args.batch_size == 'auto' else args.batch_size
+    model = optimize_for_inference(model, device, channels_last=args.channels_last, compile=args.compile)
+    rt = Runtime(model, ckpt, device, args.T, batch_size, args.precision, progress=not args.quiet,
+                 micro_batch=micro_batch_size(device, S), decoder=args.decoder, decoder_steps=args.decoder_steps,
+                 decoder_spacing=args.decoder_spacing)
     out_root = Path(args.out) if args.out else Path(out_root_default) / video_name(args.video_path)
     out_root.mkdir(parents=True, exist_ok=True)
     fps = args.fps or (source.fps if source.is_video and source.fps else 20.0)
     run_config = {'command': cli.command_line(), 'args': vars(args), 'checkpoint': str(ckpt),
-                  'dva_config_name': cfg.name, 'device': str(device)}
+                  'dva_config_name': cfg.name, 'device': str(device), 'batch_size': batch_size}
     return EditRun(rt, source, out_root, fps, StageTimer(), run_config)
 
 

@@ -5,17 +5,22 @@ eps as the original (up to kernel rounding), and `auto_batch_size` only changes 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from cli import autocast
 
 CPU_BATCH_SIZE = 4
-"""Frames per batch on CPU. CPU convolution kernels already use every core at batch 1 for 256x256 inputs, so images/s
-saturates at small batches (bench/README.md: the paper UNet gives the same images/s at batch 1 and 2 on 2 cores);
-larger batches only add memory and latency. 4 keeps the DDIM loop's per-call overhead amortised."""
+"""Frames per batch on CPU (the released default). CPU convolution kernels already keep every core busy at batch 1
+for 256x256 inputs, so images/s saturates at small batches: the paper UNet runs 7.05 s/image at batch 1 and 7.26 at
+batch 4 on 2 cores (bench/README.md), while larger batches only add memory (0.6 GB at batch 1, 2.3 GB at batch 4)
+and latency. Small images (the tiny preset) still gain from batching, which amortises the per-layer overhead."""
+
+CPU_MICRO_BATCH_MIN_SIZE = 128
+"""From this image size on, `micro_batch_size` runs the network one image at a time on CPU (see there)."""
 
 SAFETY = 0.8
 """Fraction of the free CUDA memory that `auto_batch_size` plans to fill (the rest covers fragmentation, the
@@ -97,6 +102,8 @@ def auto_batch_size(
     SAFETY x (free memory + memory PyTorch has cached but not allocated); when the network has a per-sample cost of
     zero (impossible in practice) max_batch is returned. The model must already be on `device`.
     CPU: CPU_BATCH_SIZE (see there: images/s saturates at small batches, larger ones only cost memory).
+    Call it before `optimize_for_inference(..., compile=True)`: probing a compiled model would compile it for
+    batches 1 and 2.
     """
     device = torch.device(device)
     if max_batch < 1:
@@ -111,6 +118,43 @@ def auto_batch_size(
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     batch = int((SAFETY * free - fixed) // per_sample)
     return max(1, min(max_batch, batch))
+
+
+def micro_batch_size(device: torch.device | str, image_size: int) -> int | None:
+    """Images per network call inside a frame batch: 1 on CPU for images of CPU_MICRO_BATCH_MIN_SIZE px and more,
+    else None (the whole batch in one call).
+
+    On CPU a large-image forward costs the same per image at any batch size (within a few %, either way), so running
+    a batch of frames as consecutive batch-1 calls (`chunked`) makes a batch-B DDIM loop cost exactly B batch-1
+    forwards per step, with a quarter of the activation memory at B=4. On CUDA, batching is what fills the GPU.
+    """
+    device = torch.device(device)
+    return 1 if device.type == 'cpu' and image_size >= CPU_MICRO_BATCH_MIN_SIZE else None
+
+
+def chunked(fn: Callable[..., Tensor], chunk: int | None) -> Callable[..., Tensor]:
+    """fn(*args) evaluated on consecutive slices of at most `chunk` samples along dim 0, concatenated.
+
+    Every tensor argument with the leading batch size is sliced (x_t [B,C,H,W], t [B], z_face [B,D]); others (None,
+    scalars, 0-d tensors) are passed whole. chunk None or >= B calls fn once. Example: `chunked(model, 1)(x_t, t, z)`.
+    """
+    if chunk is None:
+        return fn
+    if chunk < 1:
+        raise ValueError(f'chunk={chunk} must be at least 1')
+
+    def call(*args):
+        batch = args[0].shape[0]
+        if batch <= chunk:
+            return fn(*args)
+        outs = []
+        for start in range(0, batch, chunk):
+            sl = slice(start, min(batch, start + chunk))
+            outs.append(fn(*(a[sl] if isinstance(a, Tensor) and a.ndim and a.shape[0] == batch else a
+                             for a in args)))
+        return torch.cat(outs)
+
+    return call
 
 
 def optimize_for_inference(

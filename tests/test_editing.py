@@ -120,9 +120,12 @@ def test_classifier_edit_end_to_end_and_cache(weights, sample_video_dir, tmp_pat
 def test_video_file_input_keeps_source_rate(weights, test_videos_dir, tmp_path):
     out = tmp_path / 'out'
     editing_classifier.main(cls_args(weights, out, tmp_path / 'cache', test_videos_dir / 'sample_24f_540p.mp4',
-                                     '--start', '2', '--max_num', '2', '--attribute', 'Bald', '--scale', '0.2'))
+                                     '--start', '2', '--max_num', '2', '--attribute', 'Bald', '--scale', '0.2',
+                                     '--batch_size', 'auto', '--decoder', 'dpm++2m', '--decoder_steps', '3'))
     n, fps, size = read_video_info(out / 'Bald_0.20' / 'out.mp4')
     assert (n, round(fps), size) == (2, 25, (960, 540))
+    cfg = json.loads((out / 'Bald_0.20' / 'config.json').read_text())
+    assert cfg['batch_size'] == 4 and cfg['args']['decoder'] == 'dpm++2m'
     assert sorted(p.stem for p in (out / 'Bald_0.20' / 'frames').glob('*.png')) == ['000002', '000003']
 
 
