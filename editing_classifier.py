@@ -38,9 +38,11 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = [a for a in args.attribute if a not in CELEBA_ATTRIBUTES]
     if unknown:
         raise SystemExit(f'unknown attribute(s) {unknown}; choose from: {", ".join(CELEBA_ATTRIBUTES)}')
-    from editing.pipeline import edit_dir_ready, finish_identity
+    from editing.pipeline import check_T, edit_dir_ready, finish_identity
     from editing.runner import encode, finish, start_run
     from model.pretrained import WeightsError, load_classifier
+
+    check_T(args.T)  # cheap checks first
 
     try:
         clf, _ = load_classifier(args.cls_checkpoint, trust=args.trust_checkpoint)

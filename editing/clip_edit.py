@@ -59,7 +59,7 @@ class ClipPreprocess:
 def _missing_weights_error(path: Path) -> FileNotFoundError:
     return FileNotFoundError(
         f'CLIP ViT-B/16 weights not found at {path}. Pass the OpenAI ViT-B-16.pt file with --clip_weights PATH, or '
-        f'fetch it with `bash download_requirements.sh --only clip` (nothing is downloaded at run time).'
+        f'fetch it with `bash download_requirements.sh --only clip_vit_b16` (nothing is downloaded at run time).'
     )
 
 
@@ -333,7 +333,6 @@ def find_clip_direction(
     progress: bool = True,
     snapshot_every: int = 100,
     snapshot_fn: Callable[[int, Tensor], None] | None = None,
-    generator: torch.Generator | None = None,
 ) -> ClipDirection:
     """Optimise the identity of one frame so that the autoencoder's DDIM steps follow the text edit (released
     editing_CLIP.py objective, exactly).
@@ -362,7 +361,6 @@ def find_clip_direction(
             losses and CLIP inputs stay float32.
         progress: tqdm bar with the loss terms.
         snapshot_fn: called as snapshot_fn(it, B) (B detached, [n,3,S,S]) at iterations 0, snapshot_every, ...
-        generator: accepted for a uniform editing interface and unused: eta=0 DDIM in eval mode draws no noise.
 
     Memory: every iteration backpropagates through the UNet on a batch of n full-resolution states, so the UNet
     activations of all n states are kept for the backward pass. That is the dominant cost and grows linearly with
@@ -373,7 +371,6 @@ def find_clip_direction(
 
     Returns a ClipDirection with delta = e - z0.
     """
-    del generator  # deterministic objective, see the docstring
     if frame.dim() != 4 or frame.shape[0] != 1:
         raise ValueError(f'frame must be [1,3,S,S], got {tuple(frame.shape)}')
     if n_iter < 1:

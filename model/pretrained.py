@@ -33,13 +33,13 @@ CLS_CKPT = 'checkpoints/diffusion_video_autoencoder_cls/last.ckpt'
 LATENT = 'checkpoints/diffusion_video_autoencoder/latent.pkl'
 
 HOW_TO_GET = {
-    'dva': 'download it with `bash download_requirements.sh --only dva_ckpt`, or pass a checkpoint written by '
+    'dva': 'Download it with `bash download_requirements.sh --only dva_ckpt`, or pass a checkpoint written by '
            'run_train.py (its last.ckpt) with --checkpoint',
-    'ir_se50': 'it is in the released pretrained_models.zip: `bash download_requirements.sh --only pretrained_models`',
-    'mobilenet': 'it is in the released pretrained_models.zip: `bash download_requirements.sh --only pretrained_models`',
-    'bisenet': 'it is in the released pretrained_models.zip: `bash download_requirements.sh --only pretrained_models`',
-    'classifier': 'download it with `bash download_requirements.sh --only cls_ckpt`, or train one with run_cls.py',
-    'latent': 'download it with `bash download_requirements.sh --only latent`, or compute it with run_eval.py',
+    'ir_se50': 'It is in the released pretrained_models.zip: `bash download_requirements.sh --only pretrained_models`',
+    'mobilenet': 'It is in the released pretrained_models.zip: `bash download_requirements.sh --only pretrained_models`',
+    'bisenet': 'It is in the released pretrained_models.zip: `bash download_requirements.sh --only pretrained_models`',
+    'classifier': 'Download it with `bash download_requirements.sh --only cls_ckpt`, or train one with run_cls.py',
+    'latent': 'Download it with `bash download_requirements.sh --only latent`, or compute it with run_eval.py',
 }
 
 

@@ -267,7 +267,7 @@ def test_missing_clip_weights_error(tmp_path: Path, monkeypatch) -> None:
     missing = tmp_path / 'nowhere' / 'ViT-B-16.pt'
     with pytest.raises(FileNotFoundError) as err:
         load_clip(missing, 'cpu')
-    for part in (str(missing), '--clip_weights', 'bash download_requirements.sh --only clip'):
+    for part in (str(missing), '--clip_weights', 'bash download_requirements.sh --only clip_vit_b16'):
         assert part in str(err.value)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match='pretrained_models/ViT-B-16.pt'):

@@ -113,6 +113,7 @@ DATASETS = {  # without a top-level folder
     'celeba_anno/CelebAMask-HQ-attribute-anno.txt': b'30000\n5_o_Clock_Shadow Arched_Eyebrows\n',
 }
 DLIB = b'dlib predictor ' * 1000
+ALEXNET = b'fake alexnet weights' * 10
 CLIP = b'clip weights ' * 777
 DRIVE = {  # Drive id -> content
     SRC['dva_ckpt'].gdrive_id: os.urandom(5000),
@@ -137,6 +138,7 @@ def released(server, monkeypatch, tmp_path):
         _write(www / 'gdrive' / file_id, data)
     _write(www / 'pretrained_models' / 'shape_predictor_68_face_landmarks.dat.bz2', bz2.compress(DLIB))
     _write(www / 'pretrained_models' / 'ViT-B-16.pt', CLIP)
+    _write(www / 'pretrained_models' / 'alexnet-owt-7be5be79.pth', ALEXNET)
     for name, data in FRAMES.items():
         _write(www / 'sample_video' / name, data)
     for key in [k for k in os.environ if k.startswith('DVA_')]:
@@ -209,7 +211,7 @@ def test_first_run_downloads_everything_second_run_skips(released, server, capsy
     code, lines, err = run(released, capsys=capsys)
     assert code == 0, err
     st = status_of(lines)
-    for s in ('dva_ckpt', 'latent', 'cls_ckpt', 'clip_vit_b16'):
+    for s in ('dva_ckpt', 'latent', 'cls_ckpt', 'clip_vit_b16', 'alexnet_lpips'):
         assert st[SRC[s].dest] == 'downloaded'
     assert st['pretrained_models/'] == 'unpacked' and st['datasets/'] == 'unpacked'
     assert st['pretrained_models.zip'] == 'downloaded'
@@ -229,6 +231,7 @@ def test_first_run_downloads_everything_second_run_skips(released, server, capsy
     assert not (r / '__MACOSX').exists() and not (r / 'pretrained_models' / '__MACOSX').exists()
     assert (r / 'pretrained_models/shape_predictor_68_face_landmarks.dat').read_bytes() == DLIB
     assert (r / 'pretrained_models/ViT-B-16.pt').read_bytes() == CLIP
+    assert (r / 'pretrained_models/alexnet-owt-7be5be79.pth').read_bytes() == ALEXNET
     assert (r / 'sample_video/0042.jpeg').read_bytes() == FRAMES['0042.jpeg']
     leftovers = [p for p in r.rglob('*') if p.suffix in ('.part', '.zip', '.bz2', '.gdown') or '.unpack' in p.name]
     assert leftovers == []

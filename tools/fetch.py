@@ -136,6 +136,14 @@ SOURCES: tuple[Source, ...] = (
         about='OpenAI CLIP ViT-B/16 (CLIP editing)',
     ),
     Source(
+        'alexnet_lpips',
+        'pretrained_models/alexnet-owt-7be5be79.pth',
+        'file',
+        url='https://download.pytorch.org/models/alexnet-owt-7be5be79.pth',
+        about='torchvision AlexNet ImageNet weights (LPIPS backbone for run_metrics.py; the file name holds the '
+        'first 8 hex digits of its sha256)',
+    ),
+    Source(
         'datasets',
         'datasets',
         'zip',
