@@ -40,17 +40,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
     args = p.parse_args(argv)
 
-    import training
+    import identity
     from cli import prepare_output_dir, resolve_device, software_versions, torch_save, write_json
     from dataset import CelebAHQFolder, CelebAHQLMDB
-    from model.pretrained import WeightsError, load_identity_stats
+    from model.pretrained import WeightsError, load_identity_encoder, load_identity_stats
 
     try:
         cfg = apply_overrides(get_cls_preset(args.template), args.overrides)
         if args.max_steps is not None:
             cfg = replace(cfg, max_steps=args.max_steps)
         stats = load_identity_stats(args.stats)
-        net, source, _ = training.identity_encoder(
+        net, source, _ = load_identity_encoder(
             checkpoint=args.checkpoint, random=args.random_encoder,
             pretrained_dir=None if args.checkpoint or args.random_encoder else args.pretrained_dir)
         if args.image_folder:
@@ -63,9 +63,9 @@ def main(argv: list[str] | None = None) -> int:
 
     device = resolve_device(args.device)
     precision = {'32': 'fp32', '16-mixed': 'fp16', 'bf16-mixed': 'bf16'}[cfg.precision]
-    feats, labels = training.identity_features(net, data, batch_size=args.feature_batch_size, device=device,
+    feats, labels = identity.identity_features(net, data, batch_size=args.feature_batch_size, device=device,
                                                num_workers=cfg.num_workers, flip=args.flip, precision=precision)
-    clf, report = training.train_attribute_classifier(feats, labels, stats, cfg, device=device)
+    clf, report = identity.train_attribute_classifier(feats, labels, stats, cfg, device=device)
     torch_save({'state_dict': clf.state_dict(), 'global_step': cfg.max_steps, 'cls_config': to_dict(cfg),
                 'attributes': list(CELEBA_ATTRIBUTES), 'identity_weights': source}, out / 'last.ckpt')
     rows = [{'attribute': name, 'accuracy': acc, 'ema_accuracy': ema, 'positive_rate': pos} for name, acc, ema, pos in

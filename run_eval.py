@@ -38,14 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--trust_checkpoint', action='store_true', help='allow full unpickling of the checkpoint')
     args = p.parse_args(argv)
 
-    import training
+    import identity
     from cli import resolve_device, software_versions, torch_save, write_json
     from dataset import list_videos
-    from model.pretrained import WeightsError
+    from model.pretrained import WeightsError, load_identity_encoder
 
     try:
         base = apply_overrides(get_preset(args.template), args.overrides)
-        net, source, cfg = training.identity_encoder(base, checkpoint=args.checkpoint, pretrained_dir=args.pretrained_dir,
+        net, source, cfg = load_identity_encoder(base, checkpoint=args.checkpoint, pretrained_dir=args.pretrained_dir,
                                                      random=args.random_encoder, trust=args.trust_checkpoint)
     except (KeyError, TypeError, ValueError, WeightsError) as e:
         raise SystemExit(str(e.args[0] if isinstance(e, KeyError) and e.args else e)) from e
@@ -58,16 +58,16 @@ def main(argv: list[str] | None = None) -> int:
         videos = list_videos(cfg.data.root, args.split)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f'--data: {e}') from e
-    frames = {name: training.select_frames(paths, args.max_frames_per_video) for name, paths in videos}
+    frames = {name: identity.select_frames(paths, args.max_frames_per_video) for name, paths in videos}
     paths = [f for name in frames for f in frames[name]]
     print(f'{len(paths)} frames of {len(frames)} videos in {Path(cfg.data.root) / args.split}; weights: {source}')
 
     device = resolve_device(args.device)
-    dataset = training.FrameFiles(paths, cfg.unet.image_size)
-    conds, _ = training.identity_features(
+    dataset = identity.FrameFiles(paths, cfg.unet.image_size)
+    conds, _ = identity.identity_features(
         net, dataset, batch_size=args.batch_size or cfg.data.eval_batch_size, device=device,
         num_workers=cfg.data.num_workers if args.num_workers is None else args.num_workers)
-    stats = training.identity_stats(conds)
+    stats = identity.identity_stats(conds)
     torch_save(stats, out)
     write_json(out.with_suffix('.json'), {
         'file': out.name, 'split': args.split, 'data': str(cfg.data.root), 'videos': len(frames),

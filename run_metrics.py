@@ -405,38 +405,18 @@ def consistency_scores(src_emb: Tensor, edit_emb: Tensor) -> dict[str, Any]:
 def _identity_network(args: argparse.Namespace) -> tuple[nn.Module, str]:
     """The ArcFace IR-SE50 alone, from --checkpoint (its EMA copy), --random_encoder, or --pretrained_dir."""
     import templates
-    from model.encoders import IdentityEncoder
-    from model.pretrained import (
-        IR_SE50,
-        WeightsError,
-        config_for_checkpoint,
-        load_identity_weights,
-        load_strict,
-        read_dva_checkpoint,
-        split_dva_state,
-    )
+    from model.pretrained import WeightsError, load_identity_encoder
 
     try:
-        if args.checkpoint:
-            state, meta = read_dva_checkpoint(args.checkpoint, args.trust_checkpoint)
-            cfg = config_for_checkpoint(state, meta, templates.get_preset(args.template))
-            weights = split_dva_state(state, 'ema') or split_dva_state(state, 'model')
-            prefix = 'encoder.idnet.'
-            net = IdentityEncoder(cfg.encoder.id_num_layers)
-            load_strict(net, {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)},
-                        args.checkpoint, 'dva')
-            source = f'ArcFace IR-SE50, EMA identity encoder of {args.checkpoint}'
-        elif args.random_encoder:
-            net = IdentityEncoder(templates.get_preset(args.template).encoder.id_num_layers)
-            source = 'ArcFace IR-SE50 with RANDOM weights (--random_encoder, tests only: the numbers mean nothing)'
-        else:
-            path = Path(args.pretrained_dir) / Path(IR_SE50).name
-            net = IdentityEncoder(templates.get_preset(args.template).encoder.id_num_layers)
-            load_identity_weights(net, path)
-            source = f'ArcFace IR-SE50 ({path})'
+        net, source, _ = load_identity_encoder(
+            templates.get_preset(args.template), checkpoint=args.checkpoint or None,
+            pretrained_dir=None if (args.checkpoint or args.random_encoder) else args.pretrained_dir,
+            random=bool(args.random_encoder) and not args.checkpoint, trust=args.trust_checkpoint)
     except WeightsError as e:
         raise SystemExit(f'{e} (or use --embedder dlib, which runs offline)') from None
-    return net.eval().requires_grad_(False), source
+    if source == 'random':
+        source = 'ArcFace IR-SE50 with RANDOM weights (--random_encoder, tests only: the numbers mean nothing)'
+    return net, f'ArcFace IR-SE50, {source}'
 
 
 def run_consistency(args: argparse.Namespace) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -63,3 +64,20 @@ class GroupNorm32(nn.GroupNorm):
 def group_norm(channels: int, max_groups: int) -> GroupNorm32:
     """`GroupNorm32` over `channels` with `norm_groups(channels, max_groups)` groups and eps 1e-5."""
     return GroupNorm32(norm_groups(channels, max_groups), channels)
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float, names: Sequence[str] | None = None) -> None:
+    """ema_p <- decay * ema_p + (1 - decay) * p for the parameters `names` (default: those of `model` needing grad).
+
+    Frozen networks and buffers are not averaged: they never change (the released EMA also averaged them, which
+    truncates the integer BatchNorm counters through float).
+    """
+    params = dict(model.named_parameters())
+    ema_params = dict(ema.named_parameters())
+    names = [k for k, p in params.items() if p.requires_grad] if names is None else list(names)
+    missing = [k for k in names if k not in ema_params]
+    if missing:
+        raise KeyError(f'EMA model lacks parameters {missing[:5]}: it is not a copy of the model')
+    for k in names:
+        ema_params[k].lerp_(params[k].detach().to(ema_params[k].dtype), 1.0 - decay)

@@ -227,3 +227,41 @@ def load_identity_stats(path: str | os.PathLike = LATENT) -> dict[str, Tensor]:
         raise WeightsError(f'{path} is not an identity-statistics file: expected keys conds, conds_mean, conds_std. '
                            f'{HOW_TO_GET["latent"]}')
     return obj
+
+
+def load_identity_encoder(
+    base: DVAConfig | None = None,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    pretrained_dir: str | os.PathLike | None = None,
+    random: bool = False,
+    trust: bool = False,
+) -> tuple[nn.Module, str, DVAConfig]:
+    """The frozen ArcFace IR-SE50 alone, in eval mode without grad, from exactly one of: a DVA checkpoint (its EMA
+    copy; the UNet is never built), `pretrained_dir/model_ir_se50.pth`, or random weights (tests).
+
+    Returns (net, a description of the weight source, the config: the checkpoint's own when it carries one, else
+    `base`, default the released DVAConfig).
+    """
+    from model.encoders import IdentityEncoder
+
+    if sum([checkpoint is not None, pretrained_dir is not None, random]) != 1:
+        raise ValueError('give exactly one of checkpoint, pretrained_dir, random')
+    cfg = base or DVAConfig()
+    if checkpoint is not None:
+        state, meta = read_dva_checkpoint(checkpoint, trust)
+        cfg = config_for_checkpoint(state, meta, cfg)
+        net = IdentityEncoder(cfg.encoder.id_num_layers)
+        weights = split_dva_state(state, 'ema') or split_dva_state(state, 'model')
+        prefix = 'encoder.idnet.'
+        load_strict(net, {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}, checkpoint, 'dva')
+        source = f'checkpoint:{checkpoint} (EMA identity encoder)'
+    elif pretrained_dir is not None:
+        net = IdentityEncoder(cfg.encoder.id_num_layers)
+        path = Path(pretrained_dir) / Path(IR_SE50).name
+        load_identity_weights(net, path)
+        source = f'pretrained:{path}'
+    else:
+        net = IdentityEncoder(cfg.encoder.id_num_layers)
+        source = 'random'
+    return net.eval().requires_grad_(False), source, cfg

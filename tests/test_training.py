@@ -18,7 +18,9 @@ from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
 import templates
+import identity
 import training
+from model.nn import ema_update
 from config import ClsConfig, to_dict
 from model.autoencoder import DiffusionVideoAutoencoder
 from model.pretrained import load_dva
@@ -74,7 +76,7 @@ def test_ema_copy_shares_frozen_encoders_and_averages_trainable_only():
     with torch.no_grad():
         for p in model.trainable_parameters():
             p.add_(1.0)
-    training.ema_update(ema, model, decay=0.75)
+    ema_update(ema, model, decay=0.75)
     after, params = ema.state_dict(), dict(model.named_parameters())
     for k in names:
         torch.testing.assert_close(after[k], 0.75 * before[k] + 0.25 * params[k].detach())
@@ -276,16 +278,16 @@ def test_resume_rejects_a_checkpoint_without_optimizer_state(short_run, tmp_path
 
 def test_identity_stats_and_frame_selection():
     conds = torch.randn(7, 512)
-    stats = training.identity_stats(conds)
+    stats = identity.identity_stats(conds)
     assert stats['conds'].dtype == torch.float32 and stats['conds'].shape == (7, 512)
     torch.testing.assert_close(stats['conds_mean'], conds.mean(0))
     torch.testing.assert_close(stats['conds_std'], torch.from_numpy(np.std(conds.numpy(), axis=0, ddof=1)))
     with pytest.raises(ValueError):
-        training.identity_stats(conds[:1])
+        identity.identity_stats(conds[:1])
     frames = [Path(f'{i}.png') for i in range(10)]
-    assert training.select_frames(frames, None) == frames
-    assert training.select_frames(frames, 3) == [Path('0.png'), Path('4.png'), Path('9.png')]
-    assert training.select_frames(frames, 20) == frames
+    assert identity.select_frames(frames, None) == frames
+    assert identity.select_frames(frames, 3) == [Path('0.png'), Path('4.png'), Path('9.png')]
+    assert identity.select_frames(frames, 20) == frames
 
 
 def test_classifier_loop_learns_separable_attributes():
@@ -294,11 +296,11 @@ def test_classifier_loop_learns_separable_attributes():
     latent = torch.randn(n, 4, generator=g)  # identities vary along a few directions, as real ones mostly do
     feats = torch.randn(1, d, generator=g) + latent @ torch.randn(4, d, generator=g) + 0.05 * torch.randn(n, d, generator=g)
     feats = torch.nn.functional.normalize(feats, dim=1)
-    stats = training.identity_stats(feats)
+    stats = identity.identity_stats(feats)
     z = (feats - stats['conds_mean']) / stats['conds_std']
     labels = (z @ torch.randn(d, c, generator=g) > 0).float()
     cfg = ClsConfig(batch_size=32, max_steps=300, val_fraction=0.25, precision='32', num_workers=0)
-    clf, report = training.train_attribute_classifier(torch.stack([feats, feats], 1), labels, stats, cfg,
+    clf, report = identity.train_attribute_classifier(torch.stack([feats, feats], 1), labels, stats, cfg,
                                                       progress=False)
     assert report['val_size'] == 100 and report['train_size'] == 300
     assert report['loss_last'] < 0.5 * report['loss_first']
@@ -308,4 +310,4 @@ def test_classifier_loop_learns_separable_attributes():
     # EMA at 0.9999 over 300 steps stays close to its start, the classifier does not
     assert (clf.ema_classifier.weight - clf.classifier.weight).abs().max() > 0.01
     with pytest.raises(ValueError, match='labels'):
-        training.train_attribute_classifier(feats, labels[:, :3], stats, cfg, progress=False)
+        identity.train_attribute_classifier(feats, labels[:, :3], stats, cfg, progress=False)
