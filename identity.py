@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from config import ClsConfig
-from dataset import image_to_tensor
+from dataset import image_to_tensor, load_rgb
 from model.classifier import AttributeClassifier
 from model.nn import ema_update
 
@@ -47,15 +47,7 @@ class FrameFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> Tensor:
-        from PIL import Image
-
-        path = self.paths[i]
-        try:
-            with Image.open(path) as img:
-                img = img.convert('RGB')
-        except Exception as e:  # PIL raises many types for a broken file
-            raise ValueError(f'cannot decode image {path}: {type(e).__name__}: {e}') from e
-        return image_to_tensor(img, self.image_size)
+        return image_to_tensor(load_rgb(self.paths[i]), self.image_size)
 
 
 @torch.no_grad()
