@@ -187,12 +187,10 @@ def _make_lpips(args: argparse.Namespace) -> tuple[nn.Module | None, str]:
 def run_recon(args: argparse.Namespace) -> dict[str, Any]:
     """The `recon` subcommand: validate, load, reconstruct every chosen video, write the report."""
     import cli
-    import templates
     from dataset import list_videos
     from editing.pipeline import Runtime, check_T
-    from editing.runner import resolve_checkpoint
+    from editing.runner import load_ema_model
     from metrics import MS_SSIM_WEIGHTS
-    from model.pretrained import WeightsError, load_dva
 
     check_T(args.T)
     for flag, value in (('--batch_size', args.batch_size), ('--num_videos', args.num_videos),
@@ -208,12 +206,7 @@ def run_recon(args: argparse.Namespace) -> dict[str, Any]:
     check_out(args.out, args.overwrite)
     device = cli.resolve_device(args.device)
     lpips, lpips_source = _make_lpips(args)
-    ckpt = resolve_checkpoint(args.checkpoint)
-    try:
-        model, cfg, meta = load_dva(ckpt, templates.get_preset(args.template), which='ema', trust=args.trust_checkpoint)
-    except WeightsError as e:
-        raise SystemExit(str(e)) from None
-    check_T(args.T, cfg.diffusion.num_timesteps)
+    ckpt, model, cfg, meta = load_ema_model(args)
     out = _prepare_out(args.out, args.overwrite)
     cli.set_cpu_threads()
     progress = not args.quiet

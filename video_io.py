@@ -156,33 +156,14 @@ class FrameSource:
         self.size: tuple[int, int] = size
 
     def _init_video(self, start: int, end: int | None, max_num: int | None) -> None:
-        import av
-
         limit = None if end is None else end
         if max_num is not None:
             limit = start + max_num if limit is None else min(limit, start + max_num)
-        n, size = 0, None
-        try:
-            with av.open(str(self.path)) as container:
-                if not container.streams.video:
-                    raise ValueError(f'no video stream in {self.path}')
-                stream = container.streams.video[0]
-                stream.thread_type = 'AUTO'
-                rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-                for frame in container.decode(stream):
-                    if size is None:
-                        size = (frame.width, frame.height)
-                    n += 1
-                    if limit is not None and n >= limit:
-                        break
-        except av.error.FFmpegError as e:
-            raise ValueError(f'cannot decode video {self.path}: {e}') from e
-        if n == 0:
-            raise ValueError(f'cannot decode video {self.path}: no frame decoded')
+        n, rate, size = _scan_video(self.path, limit)
         sel = _select(n, start, end, max_num, f'video {self.path}')
         self._range = sel
         self.names = [f'{i:06d}' for i in sel]
-        self.rate = Fraction(rate) if rate else None
+        self.rate = rate
         self.fps = float(self.rate) if self.rate else None
         self.size = size
 
@@ -357,12 +338,13 @@ def write_video(
     return Path(path)
 
 
-def read_video_info(path: str | os.PathLike) -> tuple[int, float, tuple[int, int]]:
-    """(number of decoded frames, frame rate, (width, height)) of a video file, counted by decoding it."""
+def _scan_video(path: Path, limit: int | None = None) -> tuple[int, Fraction | None, tuple[int, int]]:
+    """Decode a video file (up to `limit` frames) -> (frames decoded, frame rate or None, (width, height)).
+
+    Raises ValueError naming the file when it has no video stream or no frame decodes."""
     import av
 
-    path = Path(path)
-    n, size = 0, None
+    n, rate, size = 0, None, None
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -373,10 +355,18 @@ def read_video_info(path: str | os.PathLike) -> tuple[int, float, tuple[int, int
             for frame in container.decode(stream):
                 size = size or (frame.width, frame.height)
                 n += 1
+                if limit is not None and n >= limit:
+                    break
     except av.error.FFmpegError as e:
         raise ValueError(f'cannot decode video {path}: {e}') from e
     if size is None:
         raise ValueError(f'cannot decode video {path}: no frame decoded')
+    return n, Fraction(rate) if rate else None, size
+
+
+def read_video_info(path: str | os.PathLike) -> tuple[int, float, tuple[int, int]]:
+    """(number of decoded frames, frame rate, (width, height)) of a video file, counted by decoding it."""
+    n, rate, size = _scan_video(Path(path))
     return n, float(rate) if rate else float('nan'), size
 
 

@@ -103,6 +103,20 @@ class EditRun:
     run_config: dict[str, Any]
 
 
+def load_ema_model(args: argparse.Namespace) -> tuple[Path, Any, Any, dict]:
+    """The EMA autoencoder of --checkpoint (preset --template for released files), with --T checked against its
+    diffusion length; clear SystemExit on a missing or wrong file. Returns (path, model, config, checkpoint meta)."""
+    from model.pretrained import WeightsError, load_dva
+
+    ckpt = resolve_checkpoint(args.checkpoint)
+    try:
+        model, cfg, meta = load_dva(ckpt, templates.get_preset(args.template), which='ema', trust=args.trust_checkpoint)
+    except WeightsError as e:
+        raise SystemExit(str(e)) from None
+    check_T(args.T, cfg.diffusion.num_timesteps)
+    return ckpt, model, cfg, meta
+
+
 def video_name(path: str) -> str:
     p = Path(path)
     return p.stem if p.suffix else p.resolve().name
@@ -110,7 +124,6 @@ def video_name(path: str) -> str:
 
 def start_run(args: argparse.Namespace, out_root_default: str) -> EditRun:
     """Validate everything cheap first (T, files), then load the model and open the frames."""
-    from model.pretrained import WeightsError, load_dva
     from video_io import FrameSource
 
     check_T(args.T)
@@ -121,12 +134,7 @@ def start_run(args: argparse.Namespace, out_root_default: str) -> EditRun:
         source = FrameSource(args.video_path, start=args.start, end=args.end, max_num=args.max_num)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f'cannot read --video_path: {e}') from None
-    ckpt = resolve_checkpoint(args.checkpoint)
-    try:
-        model, cfg, _ = load_dva(ckpt, templates.get_preset(args.template), which='ema', trust=args.trust_checkpoint)
-    except WeightsError as e:
-        raise SystemExit(str(e)) from None
-    check_T(args.T, cfg.diffusion.num_timesteps)
+    ckpt, model, cfg, _ = load_ema_model(args)
     cli.set_cpu_threads()
     from editing.speed import auto_batch_size, micro_batch_size, optimize_for_inference
 
