@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -37,21 +36,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from config import CELEBA_ATTRIBUTES, DataConfig
-from video_io import IMAGE_EXTS, list_frames  # noqa: F401  (IMAGE_EXTS is re-exported: one list of image types)
+from video_io import IMAGE_EXTS, list_frames, natural_key  # noqa: F401  (IMAGE_EXTS is re-exported)
 
 FlipMode = Literal['clip', 'frame', 'none']
 _LAYOUT = 'ROOT/{split}/<video>/<frame>.jpg (one sub-folder of image frames per video)'
-
-
-def natural_key(name: str | Path) -> tuple:
-    """Sort key that orders embedded numbers by value: 'f2.png' < 'f10.png'. Case-insensitive, total order.
-
-    A `Path` is keyed by its final component.
-    """
-    text = name.name if isinstance(name, Path) else str(name)
-    parts = re.split(r'(\d+)', text.lower())
-    # re.split alternates text / digits, so equal positions always compare str with str and int with int.
-    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts)) + (text,)
 
 
 def _image_names(folder: Path) -> list[str]:

@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import platform
-import re
 import shutil
 import sys
 import time
@@ -46,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from faces import NoFaceError, align_video, crop_face
-from video_io import IMAGE_EXTS, VIDEO_EXTS, FrameSource
+from video_io import IMAGE_EXTS, VIDEO_EXTS, FrameSource, natural_key
 
 SPLITS = ('train', 'test')
 JPEG_QUALITY = 95
@@ -80,11 +79,6 @@ class Job:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Inputs, names and splits
-
-
-def _natural_key(name: str) -> tuple:
-    parts = re.split(r'(\d+)', name)
-    return tuple(int(p) if i % 2 else p.lower() for i, p in enumerate(parts)), name
 
 
 def _within(path: Path, folder: Path | None) -> bool:
@@ -124,7 +118,7 @@ def discover_inputs(
         visited.add(real)
         try:
             entries = sorted(
-                (e for e in folder.iterdir() if not e.name.startswith('.')), key=lambda e: _natural_key(e.name)
+                (e for e in folder.iterdir() if not e.name.startswith('.')), key=natural_key
             )
         except OSError as e:
             problems.append((str(folder), f'cannot list folder {folder}: {e}'))

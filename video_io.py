@@ -30,10 +30,15 @@ IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 VIDEO_EXTS = ('.mp4', '.mov', '.avi', '.mkv', '.webm')
 
 
-def _natural_key(name: str) -> tuple:
-    """Sort key that orders digit runs by value: frame2 < frame10 (ties broken by the plain name)."""
-    parts = re.split(r'(\d+)', name)
-    return tuple(int(p) if i % 2 else p.lower() for i, p in enumerate(parts)), name
+def natural_key(name: str | Path) -> tuple:
+    """Sort key that orders embedded numbers by value: 'f2.png' < 'f10.png'. Case-insensitive, total order.
+
+    A `Path` is keyed by its final component.
+    """
+    text = name.name if isinstance(name, Path) else str(name)
+    parts = re.split(r'(\d+)', text.lower())
+    # re.split alternates text / digits, so equal positions always compare str with str and int with int.
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts)) + (text,)
 
 
 def list_frames(folder: str | os.PathLike) -> list[Path]:
@@ -54,7 +59,7 @@ def list_frames(folder: str | os.PathLike) -> list[Path]:
     ]
     if not files:
         raise ValueError(f'no image file ({", ".join(IMAGE_EXTS)}) in frame folder {folder}')
-    return sorted(files, key=lambda p: _natural_key(p.name))
+    return sorted(files, key=natural_key)
 
 
 def _select(n: int, start: int, end: int | None, max_num: int | None, what: str) -> range:
