@@ -277,6 +277,7 @@ def write_outputs(
     crops_u8 = enc.crops.numpy()
     crop_dir = out_root / 'crops'
     crop_dir.mkdir(parents=True, exist_ok=True)
+    crops_float = enc.crops_float()
     staged = []
     for r in results:
         edit_dir_ready(r.out_dir, overwrite)
@@ -286,7 +287,7 @@ def write_outputs(
         (tmp / 'frames').mkdir(parents=True)
         (tmp / 'blend').mkdir()
         renders = to_uint8(r.render).numpy()
-        blends = to_uint8(core.blend(r.render, enc.crops_float(), enc.masks) * 2 - 1).numpy()
+        blends = to_uint8(core.blend(r.render, crops_float, enc.masks) * 2 - 1).numpy()
         staged.append((r, tmp, renders, blends, VideoWriter(tmp / 'out.mp4', fps), VideoWriter(tmp / 'side_by_side.mp4', fps)))
     recon_u8 = to_uint8(recon).numpy() if recon is not None else None
     if recon_u8 is not None:
