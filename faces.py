@@ -150,6 +150,21 @@ def crop_face(
     return img
 
 
+def full_frame_quad(width: int, height: int) -> np.ndarray:
+    """The quad of a frame that already IS an aligned face crop: the whole square image (TL, BL, BR, TR corners at
+    the outer pixel edges). `crop_face` of it resamples the image and `paste_back` of it replaces the whole frame
+    inside the mask.
+
+    Raises:
+        ValueError: the frame is not square (aligned crops always are).
+    """
+    if width != height:
+        raise ValueError(f'aligned input must be square face crops, got {width}x{height} frames; '
+                         'drop --aligned to detect and align the face')
+    e = width - 0.5
+    return np.array([[-0.5, -0.5], [-0.5, e], [e, e], [e, -0.5]], dtype=np.float64)
+
+
 def paste_coeffs(quad: np.ndarray, size: int) -> np.ndarray:
     """PIL PERSPECTIVE coefficients that map frame pixels onto a `size` x `size` crop of `quad` (spec step 10).
 

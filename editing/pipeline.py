@@ -153,14 +153,19 @@ def encode_video(
     xy_sigma: float = 3.0,
     timer: StageTimer | None = None,
     log: Callable[[str], None] = print,
+    aligned_input: bool = False,
 ) -> EncodedVideo:
-    """Align, crop, encode and invert a `video_io.FrameSource`, reusing cached results where they exist."""
-    from faces import align_video, crop_face
+    """Align, crop, encode and invert a `video_io.FrameSource`, reusing cached results where they exist.
+
+    With `aligned_input` the frames already are aligned square face crops (FFHQ-style): no detection, every quad is
+    the whole frame (`faces.full_frame_quad`), and the crops are the frames resampled to the model's size."""
+    from faces import align_video, crop_face, full_frame_quad
 
     timer = timer or StageTimer()
     S = rt.image_size
     vkey = source_fingerprint(source)
-    akey = make_key(video=vkey, center_sigma=center_sigma, xy_sigma=xy_sigma, size=S, detector='dlib68')
+    akey = make_key(video=vkey, center_sigma=center_sigma, xy_sigma=xy_sigma, size=S,
+                    detector='aligned' if aligned_input else 'dlib68')
     hits: dict[str, bool] = {}
     frames = None
     aligned = cache.get('align', akey)
@@ -171,14 +176,17 @@ def encode_video(
             keep = len(source) * w * h * 3 <= FRAME_RAM_BUDGET
             frames = list(source) if keep else None
         with timer('align'):
-            alignment = align_video(frames if frames is not None else source, detector_factory(), center_sigma,
-                                    xy_sigma, progress=rt.progress)
+            if aligned_input:
+                quads, missing = np.repeat(full_frame_quad(w, h)[None], len(source), axis=0), []
+            else:
+                alignment = align_video(frames if frames is not None else source, detector_factory(), center_sigma,
+                                        xy_sigma, progress=rt.progress)
+                quads, missing = alignment.quads, alignment.missing
         with timer('crop'):
             it = frames if frames is not None else iter(source)
-            crops = torch.from_numpy(np.stack([np.asarray(crop_face(f, q, 1024, S)) for f, q in
-                                               zip(it, alignment.quads)]))
-        aligned = {'quads': torch.from_numpy(alignment.quads), 'missing': torch.tensor(alignment.missing, dtype=torch.long),
-                   'crops': crops}
+            size = S if aligned_input else 1024  # aligned frames: one resampling straight to S (exact when already S)
+            crops = torch.from_numpy(np.stack([np.asarray(crop_face(f, q, size, S)) for f, q in zip(it, quads)]))
+        aligned = {'quads': torch.from_numpy(quads), 'missing': torch.tensor(missing, dtype=torch.long), 'crops': crops}
         cache.put('align', akey, aligned, {'source': str(source.path), 'frames': len(source)})
     missing = aligned['missing'].tolist()
     if missing:

@@ -22,6 +22,9 @@ def add_edit_args(parser: argparse.ArgumentParser, out_root: str) -> None:
                    help='a frame folder (image files, natural sort; other files ignored) or a video file '
                         '(mp4, mov, avi, mkv, webm); nested and absolute paths work')
     g.add_argument('--max_num', type=int, default=None, help='edit at most this many frames (from --start)')
+    g.add_argument('--aligned', action='store_true',
+                   help='the frames already are aligned square face crops (FFHQ-style): skip face detection; '
+                        'the edit replaces the face region of each whole frame')
     g.add_argument('--start', type=int, default=0, help='first frame index (default 0)')
     g.add_argument('--end', type=int, default=None, help='frame index to stop before (default: the last frame)')
     g = parser.add_argument_group('model')
@@ -134,6 +137,9 @@ def start_run(args: argparse.Namespace, out_root_default: str) -> EditRun:
         source = FrameSource(args.video_path, start=args.start, end=args.end, max_num=args.max_num)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f'cannot read --video_path: {e}') from None
+    if args.aligned and source.size[0] != source.size[1]:
+        raise SystemExit(f'--aligned expects square face crops, but {args.video_path} has {source.size[0]}x'
+                         f'{source.size[1]} frames; drop --aligned to detect and align the face')
     ckpt, model, cfg, _ = load_ema_model(args)
     cli.set_cpu_threads()
     from editing.speed import auto_batch_size, micro_batch_size, optimize_for_inference
@@ -159,7 +165,7 @@ def encode(args: argparse.Namespace, run: EditRun) -> EncodedVideo:
     cache = Cache(None if args.no_cache else args.cache_dir)
     try:
         return encode_video(run.source, run.rt, lambda: DlibDetector(pretrained_dir=args.pretrained_dir), cache,
-                            args.center_sigma, args.xy_sigma, run.timer)
+                            args.center_sigma, args.xy_sigma, run.timer, aligned_input=args.aligned)
     except NoFaceError as e:
         raise SystemExit(f'{args.video_path}: {e}. Is there a frontal face in the video?') from None
     except ValueError as e:  # a frame that fails to decode part-way (the header check passed)

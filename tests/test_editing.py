@@ -141,6 +141,41 @@ def test_blanked_face_is_interpolated_and_non_images_ignored(weights, sample_vid
     assert json.loads((tmp_path / 'out' / 'summary.json').read_text())['faces_missing'] == [middle.stem]
 
 
+def test_aligned_crops_skip_detection_and_replace_the_face_region(weights, sample_video_dir, tmp_path):
+    """--aligned: square face crops in, no dlib; the edit is pasted into the whole crop inside the face mask."""
+    video = tmp_path / 'crops_in'
+    video.mkdir()
+    for p in sorted(sample_video_dir.glob('*.jpeg'))[:N_FRAMES]:  # the face sits in the middle of the 1080p frames
+        img = Image.open(p).convert('RGB')
+        left = (img.width - img.height) // 2
+        img.crop((left, 0, left + img.height, img.height)).resize((48, 48), Image.LANCZOS).save(video / f'{p.stem}.png')
+    out, cache = tmp_path / 'out', tmp_path / 'cache'
+    summary = editing_classifier.main(cls_args(weights, out, cache, video, '--aligned', '--attribute', 'Smiling',
+                                               '--scale', '0.5', '--pretrained_dir', str(tmp_path / 'no_dlib_here')))
+    assert summary['frames'] == N_FRAMES and summary['faces_missing'] == []
+    n, _, size = read_video_info(out / 'Smiling_0.50' / 'out.mp4')
+    assert (n, size) == (N_FRAMES, (48, 48))
+    for p in sorted(video.glob('*.png')):
+        src = np.asarray(Image.open(p))
+        crop = np.asarray(Image.open(out / 'crops' / p.name))
+        assert crop.shape == (32, 32, 3)  # resampled straight to the model size
+        small = np.asarray(Image.fromarray(src).resize((32, 32), Image.BILINEAR)).astype(int)
+        assert np.abs(crop.astype(int) - small).mean() < 6
+        edited = np.asarray(Image.open(out / 'Smiling_0.50' / 'frames' / p.name))
+        assert edited.shape == src.shape and not np.array_equal(edited, src)
+    # the cached alignment of aligned input is not the one of detected faces (and vice versa)
+    assert len(list(cache.glob('align-*'))) == 1
+    # a non-square frame is refused before any work, naming the fix
+    Image.new('RGB', (48, 40)).save(tmp_path / 'wide.png')
+    wide = tmp_path / 'wide'
+    wide.mkdir()
+    (tmp_path / 'wide.png').rename(wide / '0.png')
+    with pytest.raises(SystemExit, match='drop --aligned'):
+        editing_classifier.main(cls_args(weights, tmp_path / 'out2', cache, wide, '--aligned', '--attribute',
+                                         'Smiling', '--scale', '0.5'))
+    assert not (tmp_path / 'out2' / 'Smiling_0.50').exists()
+
+
 def test_clip_edit_runs_saves_and_reuses_direction(weights, sample_video_dir, tmp_path):
     out, cache = tmp_path / 'out', tmp_path / 'cache'
     args = ['--video_path', str(sample_video_dir), '--max_num', '2', *common(weights, out, cache), '--random_clip', 'tiny',
