@@ -28,14 +28,13 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from config import CELEBA_ATTRIBUTES, DataConfig
+from config import CELEBA_ATTRIBUTES
 from video_io import IMAGE_EXTS, list_frames, natural_key  # noqa: F401  (IMAGE_EXTS is re-exported)
 
 FlipMode = Literal['clip', 'frame', 'none']
@@ -112,7 +111,7 @@ def image_to_tensor(img: Image.Image, image_size: int, flip: bool = False) -> Te
     return x.flip(-1) if flip else x
 
 
-def _check_positive(name: str, value: int) -> None:
+def check_positive(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f'{name} must be a positive integer, got {value!r}')
 
@@ -141,8 +140,8 @@ class VideoClipDataset(Dataset):
 
     def __init__(self, root: str | Path, split: str = 'train', frames_per_clip: int = 4, image_size: int = 256,
                  flip: FlipMode = 'clip', seed: int | None = None) -> None:
-        _check_positive('frames_per_clip', frames_per_clip)
-        _check_positive('image_size', image_size)
+        check_positive('frames_per_clip', frames_per_clip)
+        check_positive('image_size', image_size)
         if flip not in ('clip', 'frame', 'none'):
             raise ValueError(f"flip={flip!r} is not one of ('clip', 'frame', 'none')")
         if seed is not None and (not isinstance(seed, int) or seed < 0):
@@ -217,47 +216,6 @@ def flatten_clips(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-class ClipDataModule(L.LightningDataModule):
-    """Loaders of [B,K,3,S,S] clips: B = clips_per_device, K = data.frames_per_clip, S = image_size.
-
-    Train: ROOT/train, shuffled, drop_last, random flips (data.flip). Val: ROOT/test when it exists, fixed clips
-    (seed 0), no flip, in order; otherwise no val loader.
-    """
-
-    def __init__(self, data: DataConfig, image_size: int, clips_per_device: int) -> None:
-        super().__init__()
-        _check_positive('clips_per_device', clips_per_device)
-        self.data, self.image_size, self.clips_per_device = data, image_size, clips_per_device
-        self.train_set: VideoClipDataset | None = None
-        self.val_set: VideoClipDataset | None = None
-
-    def setup(self, stage: str | None = None) -> None:
-        d = self.data
-        if self.train_set is None and stage in (None, 'fit'):
-            self.train_set = VideoClipDataset(d.root, 'train', d.frames_per_clip, self.image_size, d.flip)
-            if len(self.train_set) < self.clips_per_device:
-                raise ValueError(f'{len(self.train_set)} usable training videos in {d.root} is fewer than '
-                                 f'clips_per_device={self.clips_per_device}: drop_last would leave no batch')
-        if self.val_set is None and (Path(d.root) / 'test').is_dir():
-            self.val_set = VideoClipDataset(d.root, 'test', d.frames_per_clip, self.image_size, 'none', seed=0)
-
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        workers = self.data.num_workers
-        return DataLoader(dataset, batch_size=self.clips_per_device, shuffle=train, drop_last=train,
-                          num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
-                          collate_fn=collate_clips)
-
-    def train_dataloader(self) -> DataLoader:
-        if self.train_set is None:
-            self.setup('fit')
-        return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        if self.val_set is None:
-            self.setup('validate')
-        return [] if self.val_set is None else self._loader(self.val_set, train=False)
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # CelebA-HQ attributes (classifier data)
 
@@ -309,7 +267,7 @@ class _CelebAHQBase(Dataset):
 
     def __init__(self, anno_path: str | Path, image_size: int, flip: bool, indices: Iterable[int] | None,
                  source: str) -> None:
-        _check_positive('image_size', image_size)
+        check_positive('image_size', image_size)
         self.anno_path, self.image_size, self.flip = Path(anno_path), image_size, flip
         _, table = read_attribute_file(anno_path)
         self.indices: list[int] = sorted(table) if indices is None else [int(i) for i in indices]

@@ -27,9 +27,10 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 
-from config import DVAConfig, from_dict, to_dict
-from dataset import ClipDataModule, flatten_clips
+from config import DataConfig, DVAConfig, from_dict, to_dict
+from dataset import VideoClipDataset, check_positive, collate_clips, flatten_clips
 from diffusion import NoiseSchedule, ddim_invert, ddim_sample, dva_loss, sample_timesteps
 from model.autoencoder import DiffusionVideoAutoencoder
 from model.nn import ema_update
@@ -227,6 +228,51 @@ class SampleGrid(Callback):
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Data
+
+
+class ClipDataModule(L.LightningDataModule):
+    """Loaders of [B,K,3,S,S] clips: B = clips_per_device, K = data.frames_per_clip, S = image_size.
+
+    Train: ROOT/train, shuffled, drop_last, random flips (data.flip). Val: ROOT/test when it exists, fixed clips
+    (seed 0), no flip, in order; otherwise no val loader.
+    """
+
+    def __init__(self, data: DataConfig, image_size: int, clips_per_device: int) -> None:
+        super().__init__()
+        check_positive('clips_per_device', clips_per_device)
+        self.data, self.image_size, self.clips_per_device = data, image_size, clips_per_device
+        self.train_set: VideoClipDataset | None = None
+        self.val_set: VideoClipDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        d = self.data
+        if self.train_set is None and stage in (None, 'fit'):
+            self.train_set = VideoClipDataset(d.root, 'train', d.frames_per_clip, self.image_size, d.flip)
+            if len(self.train_set) < self.clips_per_device:
+                raise ValueError(f'{len(self.train_set)} usable training videos in {d.root} is fewer than '
+                                 f'clips_per_device={self.clips_per_device}: drop_last would leave no batch')
+        if self.val_set is None and (Path(d.root) / 'test').is_dir():
+            self.val_set = VideoClipDataset(d.root, 'test', d.frames_per_clip, self.image_size, 'none', seed=0)
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        workers = self.data.num_workers
+        return DataLoader(dataset, batch_size=self.clips_per_device, shuffle=train, drop_last=train,
+                          num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+                          collate_fn=collate_clips)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            self.setup('fit')
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_set is None:
+            self.setup('validate')
+        return [] if self.val_set is None else self._loader(self.val_set, train=False)
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Trainer and the whole training run
 
 
@@ -242,6 +288,8 @@ class FinalCheckpoint(Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step > 0 and self.saved_step != trainer.global_step:
+            if self.path.is_symlink():  # last.ckpt links to a numbered checkpoint: never write through it
+                self.path.unlink()
             trainer.save_checkpoint(self.path, weights_only=False)
 
 
@@ -257,13 +305,14 @@ def build_trainer(
     enable_progress_bar: bool = True,
 ) -> L.Trainer:
     """Lightning Trainer: precision, max_steps and gradient clipping (1.0, after the AMP unscale) from the config;
-    ModelCheckpoint writing `last.ckpt` and `step=XXXXXXX.ckpt` every train.ckpt_every steps (all kept); SampleGrid;
-    TensorBoard logs in RUN/tb."""
+    ModelCheckpoint writing `step=XXXXXXX.ckpt` every train.ckpt_every steps (all kept) with `last.ckpt` a relative
+    symbolic link to the newest one (one copy on disk, ~3 GB at paper size; a plain copy where links are not
+    allowed); SampleGrid; TensorBoard logs in RUN/tb."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
     run_dir, t = Path(run_dir), cfg.train
     ckpt = ModelCheckpoint(dirpath=run_dir, filename='step={step:07d}', auto_insert_metric_name=False,
-                           every_n_train_steps=t.ckpt_every, save_top_k=-1, save_last=True,
+                           every_n_train_steps=t.ckpt_every, save_top_k=-1, save_last='link',
                            enable_version_counter=False)  # last.ckpt is always the newest, also in a moved run
     grid = SampleGrid(run_dir / 'samples', t.sample_every, t.sample_batch, cfg.diffusion.T_eval, t.seed)
     final = FinalCheckpoint(run_dir / 'last.ckpt')

@@ -15,7 +15,6 @@ from config import CELEBA_ATTRIBUTES, DataConfig
 from dataset import (
     CelebAHQFolder,
     CelebAHQLMDB,
-    ClipDataModule,
     VideoClipDataset,
     collate_clips,
     flatten_clips,
@@ -25,6 +24,7 @@ from dataset import (
     read_attribute_file,
     write_celebahq_lmdb,
 )
+from training import ClipDataModule
 
 VIDEOS = ('id10001_a', 'id10001_b', 'id10002_a')
 

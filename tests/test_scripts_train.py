@@ -23,7 +23,8 @@ import run_eval
 import run_train
 import templates
 from config import CELEBA_ATTRIBUTES
-from dataset import ClipDataModule, image_to_tensor, write_celebahq_lmdb
+from dataset import image_to_tensor, write_celebahq_lmdb
+from training import ClipDataModule
 from model.autoencoder import DiffusionVideoAutoencoder
 from model.classifier import AttributeClassifier
 from model.encoders import IdentityEncoder

@@ -7,6 +7,7 @@ frozen encoders by fixed features to afford 30 optimiser steps.
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -174,6 +175,8 @@ def short_run(tmp_path_factory, clip_root) -> tuple[Path, object]:
 def test_checkpoint_has_the_released_layout_and_loads_with_load_dva(short_run, parity_dir):
     run, cfg = short_run
     assert (run / 'last.ckpt').is_file() and (run / 'step=0000002.ckpt').is_file()
+    # one copy on disk: last.ckpt is a relative link to the newest numbered checkpoint (survives moving the run)
+    assert (run / 'last.ckpt').is_symlink() and os.readlink(run / 'last.ckpt') == 'step=0000002.ckpt'
     ckpt = torch.load(run / 'last.ckpt', map_location='cpu', weights_only=True)
     keys = list(DiffusionVideoAutoencoder(cfg).state_dict())
     assert set(ckpt['state_dict']) == {f'model.{k}' for k in keys} | {f'ema_model.{k}' for k in keys}
@@ -239,6 +242,13 @@ def test_resume_restores_step_optimizer_and_ema(short_run, tmp_path):
         torch.testing.assert_close(probe.state[i]['exp_avg_sq'], s['exp_avg_sq'], rtol=0, atol=0)
     final = torch.load(run / 'last.ckpt', map_location='cpu', weights_only=True)
     assert final['global_step'] == 4 and (run / 'step=0000004.ckpt').is_file()
+    assert torch.load(run / 'step=0000002.ckpt', map_location='cpu', weights_only=True)['global_step'] == 2
+    # a run ending between checkpoints writes a real last.ckpt, never through the link into step=0000004.ckpt
+    training.run_training(replace(stored, train=replace(stored.train, max_steps=5)), run, resume=run / 'last.ckpt',
+                          trainer_kwargs=CPU)
+    assert not (run / 'last.ckpt').is_symlink()
+    assert torch.load(run / 'last.ckpt', map_location='cpu', weights_only=True)['global_step'] == 5
+    assert torch.load(run / 'step=0000004.ckpt', map_location='cpu', weights_only=True)['global_step'] == 4
     assert float(final['optimizer_states'][0]['state'][0]['step']) == 4
     assert module.global_step == 4
 
