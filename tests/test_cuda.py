@@ -6,6 +6,7 @@ also carries the parity fixtures (DVA_PARITY_FIXTURES) and aligned sample crops 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -151,3 +152,28 @@ def test_classifier_edit_on_gpu_bf16_with_auto_batch_matches_cpu(tmp_path):
                                  for p in sorted((out / 'Smiling_0.50' / 'frames').glob('*.png'))])
     assert outs['cuda'].shape == outs['cpu'].shape
     assert np.abs(outs['cuda'] - outs['cpu']).mean() < 4.0
+
+
+def test_fp16_mixed_training_on_gpu_uses_the_grad_scaler(tmp_path):
+    """The paper's training precision ('16-mixed': fp16 autocast + GradScaler, clipping after the unscale)."""
+    import training
+    from conftest import SHARED
+    from test_training import CPU, make_clip_root
+
+    frames = os.environ.get('DVA_ALIGNED_FRAMES')
+    src = Path(frames) if frames else SHARED / 'sample_video'
+    if not any(src.glob('*.jp*g')):
+        pytest.skip('no frames: set DVA_ALIGNED_FRAMES or provide ../shared/sample_video')
+    root = make_clip_root(tmp_path / 'clips', src)
+    cfg = templates.tiny()
+    cfg = replace(cfg, data=replace(cfg.data, root=str(root)),
+                  train=replace(cfg.train, max_steps=3, ckpt_every=3, sample_every=3, precision='16-mixed'))
+    module = training.run_training(cfg, tmp_path / 'run', random_encoders=True,
+                                   trainer_kwargs={**CPU, 'accelerator': 'gpu'})
+    trainer = module.trainer
+    assert trainer.precision == '16-mixed' and trainer.precision_plugin.scaler is not None
+    losses = {k: v for k, v in trainer.callback_metrics.items() if 'loss' in k}
+    assert losses and all(torch.isfinite(v) for v in losses.values()), losses
+    sd = torch.load(tmp_path / 'run' / 'last.ckpt', map_location='cpu', weights_only=True)['state_dict']
+    assert {v.dtype for v in sd.values() if v.is_floating_point()} == {torch.float32}
+    assert (tmp_path / 'run' / 'samples' / 'step=0000003.png').is_file()

@@ -30,7 +30,7 @@ from model.pretrained import load_dva
 def make_clip_root(root: Path, frames_dir: Path, size: int = 32, videos: dict[str, int] | None = None) -> Path:
     """ROOT/{split}/<video>/<i>.png from square centre crops of the sample frames, resized to `size`."""
     videos = videos or {'train/vid1': 6, 'train/vid2': 6, 'train/vid10': 6, 'test/a': 5, 'test/b': 5}
-    sources = sorted(frames_dir.glob('*.jpeg'))
+    sources = sorted(frames_dir.glob('*.jp*g'))
     k = 0
     for name, n in videos.items():
         folder = root / name
@@ -165,10 +165,14 @@ def test_short_overfit_lowers_the_loss(tmp_path):
 
 @pytest.fixture(scope='module')
 def short_run(tmp_path_factory, clip_root) -> tuple[Path, object]:
-    """Two steps with real (random) encoders: checkpoint and sample grid at step 2."""
+    """Two steps with real (random) encoders: checkpoint and sample grid at step 2, in the paper's mixed precision
+    ('16-mixed', which Lightning runs as bf16 autocast on CPU; tests/test_cuda.py runs fp16 + GradScaler on a GPU)."""
     run = tmp_path_factory.mktemp('run') / 'tiny'
-    cfg = tiny_cfg(clip_root, max_steps=2, ckpt_every=2, sample_every=2)
-    training.run_training(cfg, run, random_encoders=True, trainer_kwargs=CPU)
+    cfg = tiny_cfg(clip_root, max_steps=2, ckpt_every=2, sample_every=2, precision='16-mixed')
+    module = training.run_training(cfg, run, random_encoders=True, trainer_kwargs=CPU)
+    assert module.trainer.precision == 'bf16-mixed'
+    losses = {k: v for k, v in module.trainer.callback_metrics.items() if 'loss' in k}
+    assert losses and all(torch.isfinite(v) for v in losses.values()), losses
     return run, cfg
 
 
@@ -182,6 +186,8 @@ def test_checkpoint_has_the_released_layout_and_loads_with_load_dva(short_run, p
     assert set(ckpt['state_dict']) == {f'model.{k}' for k in keys} | {f'ema_model.{k}' for k in keys}
     assert ckpt['global_step'] == 2 and ckpt['dva_config'] == to_dict(cfg) and ckpt['encoders'] == 'random'
     assert ckpt['optimizer_states'] and ckpt['optimizer_states'][0]['state']
+    # mixed precision keeps fp32 master weights
+    assert {v.dtype for v in ckpt['state_dict'].values() if v.is_floating_point()} == {torch.float32}
 
     # the frozen-encoder and fusion keys are exactly the released ones (keys/dva.tsv lists the released file)
     with open(parity_dir / 'keys' / 'dva.tsv') as f:
@@ -230,7 +236,8 @@ def test_resume_restores_step_optimizer_and_ema(short_run, tmp_path):
     probe = OptimizerProbe()
     stored = training.read_run_config(run / 'last.ckpt')
     assert stored == cfg
-    module = training.run_training(replace(stored, train=replace(stored.train, max_steps=4)), run,
+    fp32 = replace(stored.train, precision='32')  # bf16 kernels are ~3x slower on the test machine's CPU
+    module = training.run_training(replace(stored, train=replace(fp32, max_steps=4)), run,
                                    resume=run / 'last.ckpt', trainer_kwargs=CPU, callbacks=[probe])
     assert probe.step == 2
     for k, v in probe.ema.items():
@@ -244,7 +251,7 @@ def test_resume_restores_step_optimizer_and_ema(short_run, tmp_path):
     assert final['global_step'] == 4 and (run / 'step=0000004.ckpt').is_file()
     assert torch.load(run / 'step=0000002.ckpt', map_location='cpu', weights_only=True)['global_step'] == 2
     # a run ending between checkpoints writes a real last.ckpt, never through the link into step=0000004.ckpt
-    training.run_training(replace(stored, train=replace(stored.train, max_steps=5)), run, resume=run / 'last.ckpt',
+    training.run_training(replace(stored, train=replace(fp32, max_steps=5)), run, resume=run / 'last.ckpt',
                           trainer_kwargs=CPU)
     assert not (run / 'last.ckpt').is_symlink()
     assert torch.load(run / 'last.ckpt', map_location='cpu', weights_only=True)['global_step'] == 5
