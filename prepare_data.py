@@ -4,6 +4,9 @@
     python prepare_data.py a.mp4 frames/b/ --out datasets/mine --split train --every 2 --max_frames 300
     python prepare_data.py held_out/ --out datasets/mine --split test                  # add a test split later
 
+--split_by REGEX keeps videos whose paths hold the same folder (or file) name matching REGEX completely (e.g. 'id\\d+':
+one VoxCeleb identity) in one split, so that no person appears in both; --test_fraction then counts such groups.
+
 Every input is a video file, a frame folder, or a folder searched recursively (natural order, hidden entries
 skipped) for video files and frame folders (folders holding image files; their sub-folders are not searched).
 Each video goes through the editing scripts' alignment (`faces.align_video`: dlib landmarks, FFHQ quad,
@@ -28,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import platform
@@ -37,7 +39,7 @@ import sys
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +47,8 @@ from typing import Any
 import numpy as np
 
 from faces import NoFaceError, align_video, crop_face
-from video_io import IMAGE_EXTS, VIDEO_EXTS, FrameSource, natural_key
+from video_io import IMAGE_EXTS, FrameSource
+from video_sources import assign_splits, discover_inputs, split_groups, video_names
 
 SPLITS = ('train', 'test')
 JPEG_QUALITY = 95
@@ -75,147 +78,6 @@ class Job:
     name: str
     source: str
     split: str
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Inputs, names and splits
-
-
-def _within(path: Path, folder: Path | None) -> bool:
-    return folder is not None and (path == folder or folder in path.parents)
-
-
-def discover_inputs(
-    inputs: Sequence[str | os.PathLike], exclude: str | os.PathLike | None = None
-) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Video files and frame folders named by `inputs`, in command-line order, natural order inside folders.
-
-    A folder holding image files (`video_io.IMAGE_EXTS`) is one frame folder (its sub-folders are not searched);
-    any other folder is searched recursively for video files (`video_io.VIDEO_EXTS`) and frame folders. Hidden
-    entries, duplicates and anything inside `exclude` (the output root) are skipped.
-
-    Returns:
-        (sources, problems): the paths found, and (input, message) for every input that gives nothing.
-    """
-    exclude_dir = Path(exclude).resolve() if exclude is not None else None
-    sources: list[Path] = []
-    seen: set[Path] = set()
-    problems: list[tuple[str, str]] = []
-
-    found = [0]
-
-    def add(path: Path) -> None:
-        found[0] += 1
-        key = path.resolve()
-        if key not in seen:
-            seen.add(key)
-            sources.append(path)
-
-    def visit(folder: Path, visited: set[Path]) -> None:
-        real = folder.resolve()
-        if real in visited or _within(real, exclude_dir):
-            return
-        visited.add(real)
-        try:
-            entries = sorted(
-                (e for e in folder.iterdir() if not e.name.startswith('.')), key=natural_key
-            )
-        except OSError as e:
-            problems.append((str(folder), f'cannot list folder {folder}: {e}'))
-            return
-        files = [e for e in entries if e.is_file()]
-        if any(e.suffix.lower() in IMAGE_EXTS for e in files):
-            add(folder)
-        for e in entries:
-            if e.is_file() and e.suffix.lower() in VIDEO_EXTS:
-                add(e)
-            elif e.is_dir() and not any(f.suffix.lower() in IMAGE_EXTS for f in files):
-                visit(e, visited)
-
-    for item in inputs:
-        path = Path(item)
-        before, found[0] = len(problems), 0
-        if not path.exists():
-            problems.append((str(path), f'input not found: {path}'))
-            continue
-        if _within(path.resolve(), exclude_dir):
-            problems.append((str(path), f'input {path} lies inside the output folder {exclude}'))
-            continue
-        if path.is_dir():
-            visit(path, set())
-            if not found[0] and len(problems) == before:
-                problems.append((str(path), f'no video file ({", ".join(VIDEO_EXTS)}) or frame folder in {path}'))
-        elif path.suffix.lower() in VIDEO_EXTS:
-            add(path)
-        elif path.suffix.lower() in IMAGE_EXTS:
-            problems.append((str(path), f'{path} is a single image: pass the folder holding the frames instead'))
-        else:
-            problems.append((str(path), f'{path} is neither a video file ({", ".join(VIDEO_EXTS)}) nor a folder'))
-    return sources, problems
-
-
-def _clean_name(name: str) -> str:
-    name = name.strip().lstrip('.')
-    return name or 'video'
-
-
-def video_names(sources: Sequence[str | os.PathLike]) -> list[str]:
-    """Unique output folder names: the file stem (videos) or the folder name (frame folders).
-
-    A video file whose stem is shared by another source in the same folder (clip.mp4 next to clip.mov or a frame
-    folder clip/) is named with its extension (clip_mp4). Names still shared by several sources are lengthened with
-    as many parent folders as needed to tell them apart, joined by '_' (a/clip.mp4, b/clip.mp4 -> a_clip, b_clip);
-    a clash left after that gets '_2', '_3', ... in input order. Deterministic for a given list of sources.
-    """
-    paths = [Path(s).absolute() for s in sources]
-    is_video = [p.suffix.lower() in VIDEO_EXTS and not p.is_dir() for p in paths]
-    stems = [(p.parent, p.stem if v else p.name) for p, v in zip(paths, is_video)]
-    shared = {k for k in stems if stems.count(k) > 1}
-    comps = []
-    for p, v, key in zip(paths, is_video, stems):
-        base = p.name.replace('.', '_') if v and key in shared else key[1]
-        comps.append([c for c in p.parent.parts if c != p.anchor] + [base])
-    depth = [1] * len(comps)
-    while True:
-        names = [_clean_name('_'.join(c[-d:])) for c, d in zip(comps, depth)]
-        groups: dict[str, list[int]] = defaultdict(list)
-        for i, n in enumerate(names):
-            groups[n].append(i)
-        clashing = [i for g in groups.values() if len(g) > 1 for i in g]
-        grown = False
-        for i in clashing:
-            if depth[i] < len(comps[i]):
-                depth[i] += 1
-                grown = True
-        if not grown:
-            break
-    used: set[str] = set()
-    out = []
-    for n in names:
-        candidate, k = n, 1
-        while candidate in used:
-            k += 1
-            candidate = f'{n}_{k}'
-        used.add(candidate)
-        out.append(candidate)
-    return out
-
-
-def assign_splits(names: Sequence[str], test_fraction: float, seed: int = 0) -> list[str]:
-    """'train' or 'test' per video: the round(n * test_fraction) videos whose SHA-256 of f'{seed}:{name}' is smallest
-    go to test (at least one video stays in train when test_fraction < 1).
-
-    Depends only on the names and the seed, not on their order or on the machine.
-    """
-    if not 0.0 <= test_fraction <= 1.0:
-        raise ValueError(f'test_fraction must be in [0, 1], got {test_fraction}')
-    n = len(names)
-    n_test = int(np.floor(n * test_fraction + 0.5))
-    if test_fraction < 1.0:
-        n_test = min(n_test, max(n - 1, 0))
-    order = sorted(range(n), key=lambda i: (hashlib.sha256(f'{seed}:{names[i]}'.encode()).hexdigest(), names[i]))
-    test = set(order[:n_test])
-    return ['test' if i in test else 'train' for i in range(n)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -496,6 +358,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument('--split', choices=SPLITS, help='put every video in this split (ignores --test_fraction)')
     p.add_argument('--seed', type=int, default=0, help='seed of the train/test assignment (default 0)')
+    p.add_argument('--split_by', metavar='REGEX',
+                   help="keep videos whose paths hold the same folder name matching this regular expression "
+                        "completely in ONE split, and count --test_fraction in such groups, e.g. 'id\\d+' for "
+                        "VoxCeleb identities (default: every video on its own)")
     p.add_argument('--every', type=int, default=1, help='keep every N-th frame (default 1: all)')
     p.add_argument('--max_frames', type=int, help='at most this many frames per video (after --every)')
     p.add_argument('--center_sigma', type=float, default=1.0, help='temporal smoothing of the quad centre (frames)')
@@ -563,7 +429,18 @@ def main(argv: list[str] | None = None) -> int:
         print('nothing to prepare: no input holds a video file or a frame folder')
         return 1
     names = video_names(sources)
-    splits = [args.split] * len(names) if args.split else assign_splits(names, args.test_fraction, args.seed)
+    try:
+        groups = split_groups(sources, args.split_by) if args.split_by and not args.split else None
+        splits = [args.split] * len(names) if args.split else assign_splits(names, args.test_fraction, args.seed, groups)
+    except ValueError as e:
+        p.error(str(e))
+    if groups is not None:  # a group some of whose videos a past run prepared stays in that split
+        held: dict[str, str] = {}
+        for g, name in zip(groups, names):
+            done = _completed(root, name)
+            if done is not None:
+                held.setdefault(g, done)
+        splits = [held.get(g, s) for g, s in zip(groups, splits)]
     if args.overwrite:
         _reset_root(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -574,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         'inputs': [str(i) for i in args.inputs],
         'split': args.split,
         'test_fraction': None if args.split else args.test_fraction,
+        'split_by': None if args.split else args.split_by,
         'seed': args.seed,
         'min_frames': args.min_frames,
         'workers': args.workers,

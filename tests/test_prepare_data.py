@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 import prepare_data
-from prepare_data import assign_splits, discover_inputs, main, video_names
+from prepare_data import main
+from video_sources import assign_splits, discover_inputs, split_groups, video_names
 
 
 class FakeDetector:
@@ -121,8 +122,57 @@ def test_assign_splits_deterministic() -> None:
         assign_splits(names, 1.5)
 
 
+def test_split_groups_keep_each_group_in_one_split() -> None:
+    sources = [f'/vox/id{10000 + i // 3}/yt{i}/0000{i % 3}.mp4' for i in range(30)]  # 10 identities x 3 clips
+    groups = split_groups(sources, r'id\d+')
+    assert len(set(groups)) == 10 and groups[0] == groups[2] != groups[3]
+    names = [f'clip{i}' for i in range(30)]
+    splits = assign_splits(names, 0.2, seed=1, groups=groups)
+    assert splits.count('test') == 6  # 2 of 10 identities, all 3 clips each
+    by_group: dict[str, set[str]] = {}
+    for g, sp in zip(groups, splits):
+        by_group.setdefault(g, set()).add(sp)
+    assert all(len(v) == 1 for v in by_group.values())
+    # a capture group names the group; a path the pattern misses is a group of its own
+    assert split_groups(['/a/person_7/x.mp4', '/b/person_7/y.mp4', '/c/z.mp4'], r'person_(\d+)')[:2] == ['group:7'] * 2
+    assert split_groups(['/c/z.mp4', '/a/person_1/x.mp4'], r'person_\d+')[0] == 'path:/c/z.mp4'
+    assert split_groups(['/data/vid1/a.mp4', '/data/id1/b.mp4'], r'id\d+') == ['path:/data/vid1/a.mp4', 'group:id1']
+    # without groups: exactly the per-video assignment
+    assert assign_splits(names, 0.2, seed=1, groups=names) == assign_splits(names, 0.2, seed=1)
+    with pytest.raises(ValueError, match='matches no folder'):
+        split_groups(sources, r'speaker\d+')
+    with pytest.raises(ValueError, match='not a valid regular expression'):
+        split_groups(sources, r'id(\d+')
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Bookkeeping with the fake detector
+
+
+def test_split_by_identity_end_to_end_and_on_rerun(tmp_path: Path, fake_dlib, capsys) -> None:
+    data = tmp_path / 'vox'
+    for person in ('id1', 'id2', 'id3', 'id4'):
+        for clip in ('c1', 'c2'):
+            noise_frames(data / person / f'{person}_{clip}', 4)
+    root = tmp_path / 'root'
+    one = ['--max_frames', '1', '--min_frames', '1', '--seed', '5']
+    assert run(data, '--out', root, '--test_fraction', '0.5', '--split_by', r'id\d', *one) == 0
+    m = manifest(root)
+    assert len(m) == 8 and sorted(v['split'] for v in m.values()).count('test') == 4
+    for person in ('id1', 'id2', 'id3', 'id4'):
+        assert m[f'{person}_c1']['split'] == m[f'{person}_c2']['split']
+    assert json.loads((root / 'config.json').read_text())['runs'][-1]['split_by'] == r'id\d'
+    # new clips of known people join their people's split, whatever the new group count does to the ranking
+    for person in ('id1', 'id2', 'id3', 'id4', 'id5', 'id6', 'id7'):
+        noise_frames(data / person / f'{person}_c3', 4)
+    assert run(data, '--out', root, '--test_fraction', '0.5', '--split_by', r'id\d', *one) == 0
+    m = manifest(root)
+    for person in ('id1', 'id2', 'id3', 'id4'):
+        assert m[f'{person}_c3']['split'] == m[f'{person}_c1']['split']
+    # a pattern that matches nothing is a command-line error, before any work
+    with pytest.raises(SystemExit):
+        run(data, '--out', tmp_path / 'typo', '--split_by', 'speaker', *one)
+    assert 'matches no folder' in capsys.readouterr().err and not (tmp_path / 'typo').exists()
 
 
 def test_splits_names_format_and_stride(tmp_path: Path, fake_dlib) -> None:
