@@ -81,3 +81,13 @@ class Cache:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
         return final
+
+    def partial_dir(self, kind: str, key: str) -> Path | None:
+        """A folder for the pieces of an unfinished entry (e.g. the batches of an interrupted inversion), or None
+        when the cache is disabled. `drop_partial` removes it once the whole entry is stored."""
+        return None if not self.enabled else self.root / f'partial-{kind}-{key}'
+
+    def drop_partial(self, kind: str, key: str) -> None:
+        path = self.partial_dir(kind, key)
+        if path is not None and path.exists():
+            shutil.rmtree(path, ignore_errors=True)

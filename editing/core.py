@@ -82,16 +82,20 @@ def face_masks(model: nn.Module, crops: Tensor, batch_size: int, device: torch.d
 
 @torch.no_grad()
 def invert(model: nn.Module, crops: Tensor, z_face: Tensor, schedule: NoiseSchedule, batch_size: int,
-           device: torch.device, precision: str = 'fp32', progress: bool = False, micro_batch: int | None = None
-           ) -> Tensor:
-    """DDIM inversion of crops [N,3,S,S] conditioned on z_face [N,512] -> x_T [N,3,S,S] (N-1 steps per frame)."""
+           device: torch.device, precision: str = 'fp32', progress: bool = False, micro_batch: int | None = None,
+           on_batch: Callable[[slice, Tensor], None] | None = None) -> Tensor:
+    """DDIM inversion of crops [N,3,S,S] conditioned on z_face [N,512] -> x_T [N,3,S,S] (T-1 steps per frame).
+
+    on_batch(sl, x_T[sl]) is called after every batch (e.g. to persist partial results)."""
     out = []
     with _progress(len(crops), 'invert', progress) as bar:
         for sl in batches(len(crops), batch_size):
             eps_fn = conditioned_eps(model, z_face[sl].to(device), precision, micro_batch)
             out.append(ddim_invert(eps_fn, crops[sl].to(device).float(), schedule).cpu())
+            if on_batch is not None:
+                on_batch(sl, out[-1])
             bar.update(sl.stop - sl.start)
-    return torch.cat(out)
+    return torch.cat(out) if out else crops.new_empty((0, *crops.shape[1:])).float()
 
 
 @torch.no_grad()

@@ -5,7 +5,8 @@
     render with DDIM -> blend inside the face mask -> paste back into the full frames -> PNGs + out.mp4 + side-by-side.
 
 Alignment and inversion are cached on disk keyed by the frame bytes, the selection, the alignment settings, the
-checkpoint and T, so a second edit of the same video costs one DDIM render per frame (T network calls).
+checkpoint and T, so a second edit of the same video costs one DDIM render per frame (T network calls). While the
+inversion runs, every finished batch is saved (`Cache.partial_dir`), so an interrupted run resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cli import software_versions, write_json
+from cli import software_versions, torch_save, write_json
 from diffusion import NoiseSchedule, space_timesteps
 from editing import core
 from editing.cache import Cache, file_stamp, hash_files, make_key
@@ -125,18 +126,47 @@ def to_uint8(x: Tensor) -> Tensor:
 # Encoding
 
 
-def encode_crops(rt: Runtime, crops: Tensor, timer: StageTimer | None = None) -> dict[str, Tensor]:
+def encode_crops(rt: Runtime, crops: Tensor, timer: StageTimer | None = None, partial: Path | None = None,
+                 log: Callable[[str], None] = print) -> dict[str, Tensor]:
     """Identity, landmarks, masks and the DDIM inversion of crops [N,3,S,S] in [-1,1] (the released conventions:
-    the inversion is conditioned on the UN-normalised average identity with each frame's landmarks)."""
+    the inversion is conditioned on the UN-normalised average identity with each frame's landmarks).
+
+    partial: a folder where every inverted batch is saved as it completes ({'index', 'x_T'} files); frames found
+    there are not inverted again, so an interrupted inversion resumes where it stopped (any batch size)."""
     timer = timer or StageTimer()
     with timer('encode'):
         id_feats, lnd = core.encode_frames(rt.model, crops, rt.batch_size, rt.device, rt.progress)
         masks = core.face_masks(rt.model, crops, rt.batch_size, rt.device, 'video')
         z_avg = core.z_faces(rt.model, core.average_identity(id_feats), lnd, rt.device)
     with timer('invert'):
-        x_T = core.invert(rt.model, crops, z_avg, rt.schedule, rt.batch_size, rt.device, rt.precision, rt.progress,
-                          rt.micro_batch)
+        x_T, done = _read_partial(partial, crops.shape)
+        todo = torch.nonzero(~done).flatten()
+        if partial is not None and done.any():
+            log(f'resuming the inversion: {int(done.sum())} of {len(crops)} frames were inverted before ({partial})')
+
+        def save(sl: slice, xb: Tensor) -> None:
+            partial.mkdir(parents=True, exist_ok=True)
+            torch_save({'index': todo[sl].clone(), 'x_T': xb}, partial / f'{int(todo[sl][0]):07d}-{os.getpid()}.pt')
+
+        x_T[todo] = core.invert(rt.model, crops[todo], z_avg[todo], rt.schedule, rt.batch_size, rt.device,
+                                rt.precision, rt.progress, rt.micro_batch, save if partial is not None else None)
     return {'id_feats': id_feats, 'lnd_feats': lnd, 'masks': masks, 'x_T': x_T}
+
+
+def _read_partial(partial: Path | None, shape: torch.Size) -> tuple[Tensor, Tensor]:
+    """x_T [N,3,S,S] filled from the batch files in `partial` (unreadable or mismatched files are ignored) and the
+    mask of the frames they covered."""
+    x_T, done = torch.zeros(shape), torch.zeros(shape[0], dtype=torch.bool)
+    for f in sorted(partial.glob('*.pt')) if partial is not None and partial.is_dir() else []:
+        try:
+            piece = torch.load(f, map_location='cpu', weights_only=True)
+            index, xb = piece['index'], piece['x_T']
+            if xb.shape[1:] != shape[1:] or len(index) != len(xb) or int(index.max()) >= shape[0]:
+                continue
+        except Exception:  # noqa: BLE001 - a damaged piece is recomputed, never trusted
+            continue
+        x_T[index], done[index] = xb, True
+    return x_T, done
 
 
 def source_fingerprint(source) -> str:
@@ -197,8 +227,9 @@ def encode_video(
     encoded = cache.get('encode', ekey)
     hits['invert'] = encoded is not None
     if encoded is None:
-        encoded = encode_crops(rt, crops_to_float(aligned['crops']), timer)
+        encoded = encode_crops(rt, crops_to_float(aligned['crops']), timer, cache.partial_dir('encode', ekey), log)
         cache.put('encode', ekey, encoded, {'source': str(source.path), 'checkpoint': str(rt.checkpoint), 'T': rt.T})
+        cache.drop_partial('encode', ekey)
     return EncodedVideo(names=list(source.names), quads=aligned['quads'].numpy(), missing=missing,
                         crops=aligned['crops'], cache_hits=hits, frames=frames, **encoded)
 

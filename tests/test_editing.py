@@ -117,6 +117,39 @@ def test_classifier_edit_end_to_end_and_cache(weights, sample_video_dir, tmp_pat
     assert json.loads((out / 'Smiling_-0.30' / 'config.json').read_text())['blend'] == 'feather'
 
 
+def test_interrupted_inversion_resumes_from_the_saved_batches(weights, sample_video_dir, tmp_path, monkeypatch, capsys):
+    import editing.core as core
+
+    real, calls = core.ddim_invert, []
+
+    def flaky(eps_fn, x0, schedule):
+        calls.append(len(x0))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the user stops the run (or the machine goes away) during the second batch
+        return real(eps_fn, x0, schedule)
+
+    args = ['--max_num', str(N_FRAMES), '--attribute', 'Smiling', '--scale', '0.4']  # batches of 2: frames 0-1, 2
+    cache = tmp_path / 'cache'
+    monkeypatch.setattr(core, 'ddim_invert', flaky)
+    with pytest.raises(KeyboardInterrupt):
+        editing_classifier.main(cls_args(weights, tmp_path / 'out', cache, sample_video_dir, *args))
+    assert not (tmp_path / 'out' / 'Smiling_0.40').exists() and not list(cache.glob('encode-*'))
+    assert len(list(cache.glob('partial-encode-*/*.pt'))) == 1
+    capsys.readouterr()
+    calls.clear()
+    monkeypatch.setattr(core, 'ddim_invert', lambda *a: (calls.append(len(a[1])), real(*a))[1])
+    summary = editing_classifier.main(cls_args(weights, tmp_path / 'out', cache, sample_video_dir, *args))
+    assert calls == [1] and summary['cache_hits']['invert'] is False  # only frame 2 was inverted again
+    assert 'resuming the inversion: 2 of 3 frames' in capsys.readouterr().out
+    assert not list(cache.glob('partial-*'))  # pieces are dropped once the whole inversion is cached
+    # the result is the uninterrupted one
+    clean = tmp_path / 'clean_cache'
+    editing_classifier.main(cls_args(weights, tmp_path / 'out_clean', clean, sample_video_dir, *args))
+    resumed = torch.load(next(cache.glob('encode-*')) / 'data.pt', weights_only=True)['x_T']
+    fresh = torch.load(next(clean.glob('encode-*')) / 'data.pt', weights_only=True)['x_T']
+    torch.testing.assert_close(resumed, fresh, rtol=0, atol=1e-6)
+
+
 def test_video_file_input_keeps_source_rate(weights, test_videos_dir, tmp_path):
     out = tmp_path / 'out'
     editing_classifier.main(cls_args(weights, out, tmp_path / 'cache', test_videos_dir / 'sample_24f_540p.mp4',
