@@ -102,11 +102,12 @@ def invert(model: nn.Module, crops: Tensor, z_face: Tensor, schedule: NoiseSched
 def render(model: nn.Module, x_T: Tensor, z_face: Tensor, schedule: NoiseSchedule, batch_size: int,
            device: torch.device, precision: str = 'fp32', progress: bool = False, desc: str = 'render',
            micro_batch: int | None = None, decoder: str = 'ddim', decoder_steps: int | None = None,
-           decoder_spacing: str = 'time') -> Tensor:
+           decoder_spacing: str = 'time', on_batch: Callable[[slice, Tensor], None] | None = None) -> Tensor:
     """Render x0 [N,3,S,S] in [-1,1] from x_T [N,3,S,S] with z_face [N,512].
 
     decoder 'ddim': the released DDIM sampler, N network calls per frame. 'dpm++2m': DPM-Solver++(2M) from the same
     x_T in `decoder_steps` calls (None = N) on `decoder_spacing` ('time' or 'logsnr') points of the schedule.
+    on_batch(sl, x0[sl]) is called after every batch (e.g. to persist partial results).
     """
     out = []
     with _progress(len(x_T), desc, progress) as bar:
@@ -117,8 +118,10 @@ def render(model: nn.Module, x_T: Tensor, z_face: Tensor, schedule: NoiseSchedul
                 out.append(ddim_sample(eps_fn, x, schedule).cpu())
             else:
                 out.append(dpm_solver_sample(eps_fn, x, schedule, decoder_steps, spacing=decoder_spacing).cpu())
+            if on_batch is not None:
+                on_batch(sl, out[-1])
             bar.update(sl.stop - sl.start)
-    return torch.cat(out)
+    return torch.cat(out) if out else x_T.new_empty((0, *x_T.shape[1:])).float()
 
 
 def blend(render: Tensor, crops: Tensor, mask: Tensor) -> Tensor:

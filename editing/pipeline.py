@@ -6,7 +6,8 @@
 
 Alignment and inversion are cached on disk keyed by the frame bytes, the selection, the alignment settings, the
 checkpoint and T, so a second edit of the same video costs one DDIM render per frame (T network calls). While the
-inversion runs, every finished batch is saved (`Cache.partial_dir`), so an interrupted run resumes where it stopped.
+inversion or a render runs, every finished batch is saved (`resumable_batches`, `Cache.partial_dir`), so an
+interrupted run resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -100,6 +101,7 @@ class EncodedVideo:
     x_T: Tensor
     cache_hits: dict[str, bool] = field(default_factory=dict)
     frames: list[np.ndarray] | None = None  # decoded frames, kept when they fit in FRAME_RAM_BUDGET
+    key: str | None = None  # cache key of the inversion (names the partial renders of this video)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -139,34 +141,40 @@ def encode_crops(rt: Runtime, crops: Tensor, timer: StageTimer | None = None, pa
         masks = core.face_masks(rt.model, crops, rt.batch_size, rt.device, 'video')
         z_avg = core.z_faces(rt.model, core.average_identity(id_feats), lnd, rt.device)
     with timer('invert'):
-        x_T, done = _read_partial(partial, crops.shape)
-        todo = torch.nonzero(~done).flatten()
-        if partial is not None and done.any():
-            log(f'resuming the inversion: {int(done.sum())} of {len(crops)} frames were inverted before ({partial})')
-
-        def save(sl: slice, xb: Tensor) -> None:
-            partial.mkdir(parents=True, exist_ok=True)
-            torch_save({'index': todo[sl].clone(), 'x_T': xb}, partial / f'{int(todo[sl][0]):07d}-{os.getpid()}.pt')
-
-        x_T[todo] = core.invert(rt.model, crops[todo], z_avg[todo], rt.schedule, rt.batch_size, rt.device,
-                                rt.precision, rt.progress, rt.micro_batch, save if partial is not None else None)
+        x_T = resumable_batches(
+            partial, crops.shape, 'the inversion', log,
+            lambda todo, on_batch: core.invert(rt.model, crops[todo], z_avg[todo], rt.schedule, rt.batch_size,
+                                               rt.device, rt.precision, rt.progress, rt.micro_batch, on_batch))
     return {'id_feats': id_feats, 'lnd_feats': lnd, 'masks': masks, 'x_T': x_T}
 
 
-def _read_partial(partial: Path | None, shape: torch.Size) -> tuple[Tensor, Tensor]:
-    """x_T [N,3,S,S] filled from the batch files in `partial` (unreadable or mismatched files are ignored) and the
-    mask of the frames they covered."""
-    x_T, done = torch.zeros(shape), torch.zeros(shape[0], dtype=torch.bool)
+def resumable_batches(partial: Path | None, shape: torch.Size, what: str, log: Callable[[str], None],
+                      compute: Callable[[Tensor, Callable[[slice, Tensor], None] | None], Tensor]) -> Tensor:
+    """A per-frame result of `shape` [N,...] computed batch by batch with every batch saved in `partial` as it
+    completes ({'index', 'out'} files), so that an interrupted computation resumes where it stopped (with any batch
+    size). compute(todo, on_batch) returns the results of the frames `todo` and calls on_batch(sl, out[sl]) after
+    each batch, sl indexing `todo`. Without `partial` nothing is saved."""
+    out, done = torch.zeros(shape), torch.zeros(shape[0], dtype=torch.bool)
     for f in sorted(partial.glob('*.pt')) if partial is not None and partial.is_dir() else []:
         try:
             piece = torch.load(f, map_location='cpu', weights_only=True)
-            index, xb = piece['index'], piece['x_T']
-            if xb.shape[1:] != shape[1:] or len(index) != len(xb) or int(index.max()) >= shape[0]:
+            index, value = piece['index'], piece['out']
+            if value.shape[1:] != shape[1:] or len(index) != len(value) or int(index.max()) >= shape[0]:
                 continue
         except Exception:  # noqa: BLE001 - a damaged piece is recomputed, never trusted
             continue
-        x_T[index], done[index] = xb, True
-    return x_T, done
+        out[index], done[index] = value, True
+    todo = torch.nonzero(~done).flatten()
+    if done.any():
+        log(f'resuming {what}: {int(done.sum())} of {shape[0]} frames were done before ({partial})')
+
+    def save(sl: slice, value: Tensor) -> None:
+        partial.mkdir(parents=True, exist_ok=True)
+        torch_save({'index': todo[sl].clone(), 'out': value}, partial / f'{int(todo[sl][0]):07d}-{os.getpid()}.pt')
+
+    if len(todo):
+        out[todo] = compute(todo, save if partial is not None else None)
+    return out
 
 
 def source_fingerprint(source) -> str:
@@ -231,7 +239,7 @@ def encode_video(
         cache.put('encode', ekey, encoded, {'source': str(source.path), 'checkpoint': str(rt.checkpoint), 'T': rt.T})
         cache.drop_partial('encode', ekey)
     return EncodedVideo(names=list(source.names), quads=aligned['quads'].numpy(), missing=missing,
-                        crops=aligned['crops'], cache_hits=hits, frames=frames, **encoded)
+                        crops=aligned['crops'], cache_hits=hits, frames=frames, key=ekey, **encoded)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -246,11 +254,28 @@ def finish_identity(edited_unit: Tensor, avg_id: Tensor, mode: EditNorm) -> Tens
     return edited_unit * avg_id.norm(dim=1, keepdim=True)
 
 
-def render_identity(rt: Runtime, enc: EncodedVideo, id_feat: Tensor, desc: str = 'render') -> Tensor:
-    """DDIM render of every frame from its x_T with identity id_feat [1,512] and the frame's own landmarks."""
+def render_identity(rt: Runtime, enc: EncodedVideo, id_feat: Tensor, desc: str = 'render', cache: Cache | None = None,
+                    log: Callable[[str], None] = print) -> Tensor:
+    """DDIM render of every frame from its x_T with identity id_feat [1,512] and the frame's own landmarks.
+
+    With a `cache` (and `enc.key`), finished batches are saved while rendering, so an interrupted render resumes;
+    the caller drops them (`Cache.drop_partial('render', render_key(...))`) once the outputs are written."""
     z = core.z_faces(rt.model, id_feat, enc.lnd_feats, rt.device)
-    return core.render(rt.model, enc.x_T, z, rt.schedule, rt.batch_size, rt.device, rt.precision, rt.progress, desc,
-                       rt.micro_batch, rt.decoder, rt.decoder_steps, rt.decoder_spacing)
+    partial = cache.partial_dir('render', render_key(rt, enc, id_feat)) if cache is not None and enc.key else None
+    return resumable_batches(
+        partial, enc.x_T.shape, desc, log,
+        lambda todo, on_batch: core.render(rt.model, enc.x_T[todo], z[todo], rt.schedule, rt.batch_size, rt.device,
+                                           rt.precision, rt.progress, desc, rt.micro_batch, rt.decoder,
+                                           rt.decoder_steps, rt.decoder_spacing, on_batch))
+
+
+def render_key(rt: Runtime, enc: EncodedVideo, id_feat: Tensor) -> str:
+    """What a render depends on beyond the inversion: the identity and the decoder."""
+    import hashlib
+
+    identity = hashlib.sha256(id_feat.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+    return make_key(encode=enc.key, identity=identity, decoder=rt.decoder, steps=rt.decoder_steps,
+                    spacing=rt.decoder_spacing)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import cli
 import templates
 from editing.cache import DEFAULT_CACHE, Cache
 from editing.pipeline import (EditResult, EncodedVideo, Runtime, StageTimer, check_T, encode_video, print_summary,
-                              render_identity, write_outputs)
+                              render_identity, render_key, write_outputs)
 
 DEFAULT_CKPT_DIR = Path('checkpoints/diffusion_video_autoencoder')
 
@@ -175,15 +175,20 @@ def encode(args: argparse.Namespace, run: EditRun) -> EncodedVideo:
 def finish(args: argparse.Namespace, run: EditRun, enc: EncodedVideo, edits: list[tuple[str, Any, dict]]) -> dict:
     """Render every (folder name, edited identity [1,512], settings) edit from the cached x_T, plus the
     reconstruction with --save_recon, then write all outputs in one pass over the frames and print the summary."""
-    results = []
+    cache = Cache(None if args.no_cache else args.cache_dir)
+    results, rendered = [], []
     for name, identity, settings in edits:
         with run.timer('render'):
-            render = render_identity(run.rt, enc, identity, desc=f'render {name}')
+            render = render_identity(run.rt, enc, identity, f'render {name}', cache)
         results.append(EditResult(name, run.out_root / name, render, settings))
+        rendered.append(identity)
     recon = None
     if args.save_recon:
         with run.timer('render'):
-            recon = render_identity(run.rt, enc, enc.avg_id, desc='reconstruction')
+            recon = render_identity(run.rt, enc, enc.avg_id, 'reconstruction', cache)
+        rendered.append(enc.avg_id)
     outputs = write_outputs(run.source, enc, results, run.out_root, run.fps, args.blend, args.feather, recon,
                             args.overwrite, run.timer, not args.quiet, run.run_config)
+    for identity in rendered:  # the outputs are written: the saved batches of these renders are not needed again
+        cache.drop_partial('render', render_key(run.rt, enc, identity))
     return print_summary(enc, run.timer, outputs, run.out_root)

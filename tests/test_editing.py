@@ -148,6 +148,25 @@ def test_interrupted_inversion_resumes_from_the_saved_batches(weights, sample_vi
     resumed = torch.load(next(cache.glob('encode-*')) / 'data.pt', weights_only=True)['x_T']
     fresh = torch.load(next(clean.glob('encode-*')) / 'data.pt', weights_only=True)['x_T']
     torch.testing.assert_close(resumed, fresh, rtol=0, atol=1e-6)
+    # renders resume the same way: a new edit interrupted in its second batch re-renders only that batch
+    render, calls = core.ddim_sample, []
+
+    def flaky_render(eps_fn, x, schedule):
+        calls.append(len(x))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return render(eps_fn, x, schedule)
+
+    bald = ['--max_num', str(N_FRAMES), '--attribute', 'Bald', '--scale', '0.4']
+    monkeypatch.setattr(core, 'ddim_sample', flaky_render)
+    with pytest.raises(KeyboardInterrupt):
+        editing_classifier.main(cls_args(weights, tmp_path / 'out', cache, sample_video_dir, *bald))
+    assert len(list(cache.glob('partial-render-*/*.pt'))) == 1 and not (tmp_path / 'out' / 'Bald_0.40').exists()
+    calls.clear()
+    monkeypatch.setattr(core, 'ddim_sample', lambda *a: (calls.append(len(a[1])), render(*a))[1])
+    editing_classifier.main(cls_args(weights, tmp_path / 'out', cache, sample_video_dir, *bald))
+    assert calls == [1] and 'resuming render Bald_0.40: 2 of 3 frames' in capsys.readouterr().out
+    assert (tmp_path / 'out' / 'Bald_0.40' / 'out.mp4').is_file() and not list(cache.glob('partial-*'))
 
 
 def test_video_file_input_keeps_source_rate(weights, test_videos_dir, tmp_path):
