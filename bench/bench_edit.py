@@ -7,7 +7,7 @@ Writes a DVA checkpoint in the released layout ({'state_dict': {'model.*', 'ema_
 (released layout) with random weights to a temporary folder, then runs `editing_classifier.main([...])` twice on the
 same frames: COLD (empty cache: decode, align, crop, encode, invert, render, write) and WARM (alignment and inversion
 read from the cache: one DDIM render per frame). The stage times come from the run's summary (`summary['seconds']`,
-which already splits decode/align/crop/encode/invert/render/paste+write); UNet calls are counted with a global forward
+which already splits decode/align/crop/encode/invert/render/paste/write); UNet calls are counted with a global forward
 pre-hook on every `model.unet.UNet` and checked against the expected counts: cold (T-1) + T per edit, warm T per edit
 (+ T for --save_recon in both).
 
@@ -227,9 +227,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result['target'] = {'batch1_forward_seconds': forward_s, 'invert_plus_render_seconds_per_frame': measured,
                             'budget_2T_x_batch1_forward': budget, 'ratio': measured / budget, 'met': measured <= budget}
 
+    order = ('decode', 'align', 'crop', 'encode', 'invert', 'render', 'paste', 'write')
     stages = sorted({k for r in runs.values() for k in r['seconds_per_frame']},
-                    key=lambda k: ['decode', 'align', 'crop', 'encode', 'invert', 'render', 'paste+write'].index(k)
-                    if k in ('decode', 'align', 'crop', 'encode', 'invert', 'render', 'paste+write') else 99)
+                    key=lambda k: order.index(k) if k in order else len(order))
     rows = [{'run': name, **{s: r['seconds_per_frame'].get(s) for s in stages},
              'total': r['stages_seconds_per_frame_total'], 'wall': r['wall_seconds_per_frame'],
              'calls': r['unet_calls_per_frame'], 'expected': r['unet_calls_per_frame_expected']}

@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -350,38 +352,58 @@ def write_outputs(
             shutil.rmtree(tmp)
         (tmp / 'frames').mkdir(parents=True)
         (tmp / 'blend').mkdir()
-        renders = to_uint8(r.render).numpy()
-        blends = to_uint8(core.blend(r.render, crops_float, enc.masks) * 2 - 1).numpy()
+        with timer('paste'):
+            renders = to_uint8(r.render).numpy()
+            blends = to_uint8(core.blend(r.render, crops_float, enc.masks) * 2 - 1).numpy()
         staged.append((r, tmp, renders, blends, VideoWriter(tmp / 'out.mp4', fps), VideoWriter(tmp / 'side_by_side.mp4', fps)))
     recon_u8 = to_uint8(recon).numpy() if recon is not None else None
     if recon_u8 is not None:
         (out_root / 'recon').mkdir(exist_ok=True)
-    frames = enc.frames if enc.frames is not None else source
+    frames = iter(enc.frames if enc.frames is not None else source)
+    # PNG encoding (zlib releases the GIL) runs in threads beside the pasting and the video encoders
+    pool, pending = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)), deque()
+
+    def save(path: Path, image: np.ndarray) -> None:
+        pending.append(pool.submit(save_image_atomic, path, image))
+        while len(pending) > 32:  # bounded: at most 32 frames wait in memory
+            pending.popleft().result()
+
     try:
-        with timer('paste+write'):
-            for i, frame in enumerate(tqdm(frames, total=len(enc), desc='paste back', unit='frame',
-                                           disable=not progress)):
-                name = enc.names[i]
-                save_image_atomic(crop_dir / f'{name}.png', crops_u8[i])
-                recon_frame = None
-                if recon_u8 is not None:
-                    recon_frame = paste_back(frame, recon_u8[i], enc.quads[i], masks[i], feather_sigma)
-                    save_image_atomic(out_root / 'recon' / f'{name}.png', recon_frame)
-                for r, tmp, renders, blends, writer, sbs in staged:
-                    out = paste_back(frame, renders[i], enc.quads[i], masks[i], feather_sigma)
-                    save_image_atomic(tmp / 'frames' / f'{name}.png', out)
-                    save_image_atomic(tmp / 'blend' / f'{name}.png', blends[i])
+        for i in tqdm(range(len(enc)), desc='paste back', unit='frame', disable=not progress):
+            name = enc.names[i]
+            with timer('decode'):
+                frame = next(frames)
+            with timer('paste'):
+                recon_frame = None if recon_u8 is None else \
+                    paste_back(frame, recon_u8[i], enc.quads[i], masks[i], feather_sigma)
+                outs = [paste_back(frame, renders[i], enc.quads[i], masks[i], feather_sigma)
+                        for _, _, renders, _, _, _ in staged]
+            with timer('write'):
+                save(crop_dir / f'{name}.png', crops_u8[i])
+                if recon_frame is not None:
+                    save(out_root / 'recon' / f'{name}.png', recon_frame)
+                for out, (r, tmp, renders, blends, writer, sbs) in zip(outs, staged):
+                    save(tmp / 'frames' / f'{name}.png', out)
+                    save(tmp / 'blend' / f'{name}.png', blends[i])
                     writer.write(out)
                     sbs.write(_side_by_side([frame] + ([recon_frame] if recon_frame is not None else []) + [out]))
+        with timer('write'):
+            while pending:
+                pending.popleft().result()
     except BaseException:
+        for f in pending:
+            f.cancel()
+        pool.shutdown(wait=True)
         for _, tmp, _, _, writer, sbs in staged:
             writer.abort()
             sbs.abort()
         raise
+    pool.shutdown(wait=True)
     written = []
     for r, tmp, _, _, writer, sbs in staged:
-        writer.close()
-        sbs.close()
+        with timer('write'):
+            writer.close()
+            sbs.close()
         write_json(tmp / 'config.json', {**(run_config or {}), **r.settings, 'edit': r.name,
                                          'frames': len(enc), 'fps': fps, 'blend': blend,
                                          'feather': feather_sigma, 'software': software_versions()})
