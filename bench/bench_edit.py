@@ -34,8 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (ROOT, format_table, machine_info, perturb_zero_init, unet_flops_per_image, warn_allocator,
-                          write_json)
+from bench.common import (ROOT, format_table, machine_info, maxrss_mb, perturb_zero_init, unet_flops_per_image,
+                          warn_allocator, write_json)
 
 CUDA_TARGET_SECONDS = 0.5  # issue #6: T=100 invert + edit per frame on an H100
 
@@ -136,14 +136,19 @@ def batch1_forward_seconds(model: torch.nn.Module, cfg: Any, device: torch.devic
     return statistics.median(times)
 
 
-def run_edit(argv: list[str]) -> tuple[dict[str, Any], dict[str, int], float]:
+def run_edit(argv: list[str], device: torch.device) -> tuple[dict[str, Any], dict[str, int], float]:
+    """One editing_classifier run: its summary, UNet call counts (+ 'peak_mem_mb': the CUDA peak allocation during
+    the run, or on CPU the process's peak RSS so far) and the wall time."""
     import editing_classifier
 
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
     with count_unet_calls() as counts:
         start = time.perf_counter()
         summary = editing_classifier.main(argv)
         wall = time.perf_counter() - start
-    return summary, dict(counts), wall
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == 'cuda' else maxrss_mb()
+    return summary, {**counts, 'peak_mem_mb': peak}, wall
 
 
 def describe(summary: dict[str, Any], counts: dict[str, int], wall: float, expected_per_frame: int) -> dict[str, Any]:
@@ -161,6 +166,7 @@ def describe(summary: dict[str, Any], counts: dict[str, int], wall: float, expec
         'unet_images': counts['images'],
         'unet_calls_per_frame': counts['images'] / frames,
         'unet_calls_per_frame_expected': expected_per_frame,
+        'peak_mem_mb': counts['peak_mem_mb'],
     }
 
 
@@ -196,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         n_renders = len(args.attribute) * len(args.scale) + int(args.save_recon)
         runs = {}
         for name, expected in (('cold', args.T - 1 + n_renders * args.T), ('warm', n_renders * args.T)):
-            summary, counts, wall = run_edit(common + ['--out', str(work / f'out_{name}')])
+            summary, counts, wall = run_edit(common + ['--out', str(work / f'out_{name}')], device)
             runs[name] = describe(summary, counts, wall, expected)
     finally:
         if not args.keep:
@@ -232,11 +238,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     key=lambda k: order.index(k) if k in order else len(order))
     rows = [{'run': name, **{s: r['seconds_per_frame'].get(s) for s in stages},
              'total': r['stages_seconds_per_frame_total'], 'wall': r['wall_seconds_per_frame'],
-             'calls': r['unet_calls_per_frame'], 'expected': r['unet_calls_per_frame_expected']}
+             'calls': r['unet_calls_per_frame'], 'expected': r['unet_calls_per_frame_expected'],
+             'peak': r['peak_mem_mb']}
             for name, r in runs.items()]
     cols = [('run', 'run', 's')] + [(s, s, '.3f') for s in stages] + [
         ('total', 'stages', '.3f'), ('wall', 'wall', '.3f'), ('calls', 'UNet calls', '.0f'),
-        ('expected', 'expected', 'd')]
+        ('expected', 'expected', 'd'), ('peak', 'CUDA peak MB' if device.type == 'cuda' else 'peak RSS MB', '.0f')]
     print(f'\n{args.template}, T={args.T}, batch {batch_size}, {args.max_num} frames, {device} '
           f'({result["machine"]["device_name"]}): seconds per frame')
     print(format_table(rows, cols))

@@ -127,6 +127,25 @@ def test_bench_unet_writes_json(tmp_path):
     assert data['config']['template'] == 'tiny' and data['machine']['device'] == 'cpu'
 
 
+def test_bench_edit_counts_unet_calls_and_writes_json(tmp_path, sample_video_dir):
+    """A cold edit costs (T-1) + T UNet calls per frame, a warm one T (issue #6); stages, memory and throughput are
+    reported. Counts only: tests never time things."""
+    bench_edit = load_script('bench_edit')
+    out = tmp_path / 'edit.json'
+    result = bench_edit.main(['--template', 'tiny', '--device', 'cpu', '--T', '5', '--max_num', '2', '--no-check_target',
+                              '--video_path', str(sample_video_dir), '--work_dir', str(tmp_path / 'work'),
+                              '--json', str(out)])
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(result, default=str))
+    cold, warm = data['runs']['cold'], data['runs']['warm']
+    assert cold['unet_calls_per_frame'] == cold['unet_calls_per_frame_expected'] == 4 + 5
+    assert warm['unet_calls_per_frame'] == warm['unet_calls_per_frame_expected'] == 5
+    assert {'decode', 'align', 'crop', 'encode', 'invert', 'render', 'paste', 'write'} <= set(cold['seconds'])
+    assert 'invert' not in warm['seconds'] and warm['cache_hits'] == {'align': True, 'invert': True}
+    assert cold['peak_mem_mb'] > 0 and data['unet_throughput']['flops_per_forward'] > 0
+    assert 'cuda_target' not in data and not (tmp_path / 'work').exists()  # the work folder is removed
+
+
 def test_counted_flops_match_the_convolution_arithmetic():
     """The meta-device count of a one-conv 'network' equals 2 * C_out * C_in * k^2 * H * W."""
     from bench.common import count_flops
