@@ -174,9 +174,13 @@ def optimize_for_inference(
       'max-autotune-no-cudagraphs' benchmarks kernels at the first call of every new input shape, so the first
       batch is slow, and avoids CUDA graphs, whose static buffers the sampling loop would have to copy around).
       The returned module has the same forward signature and state dict keys under `_orig_mod.`.
+    - on CUDA, cuDNN autotuning is switched on (`torch.backends.cudnn.benchmark`): every DDIM step repeats the same
+      shapes, so the fastest convolution algorithm is measured once per shape and reused T times per batch.
     Returns the model (the original module, converted in place, or its compiled wrapper).
     """
     device = torch.device(device)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
     model = model.to(device).eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
