@@ -11,6 +11,7 @@ interrupted run resumes where it stopped.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import time
@@ -135,8 +136,8 @@ def encode_crops(rt: Runtime, crops: Tensor, timer: StageTimer | None = None, pa
     """Identity, landmarks, masks and the DDIM inversion of crops [N,3,S,S] in [-1,1] (the released conventions:
     the inversion is conditioned on the UN-normalised average identity with each frame's landmarks).
 
-    partial: a folder where every inverted batch is saved as it completes ({'index', 'x_T'} files); frames found
-    there are not inverted again, so an interrupted inversion resumes where it stopped (any batch size)."""
+    partial: a folder where every inverted batch is saved as it completes (`resumable_batches`); frames found there
+    are not inverted again, so an interrupted inversion resumes where it stopped (any batch size)."""
     timer = timer or StageTimer()
     with timer('encode'):
         id_feats, lnd = core.encode_frames(rt.model, crops, rt.batch_size, rt.device, rt.progress)
@@ -273,8 +274,6 @@ def render_identity(rt: Runtime, enc: EncodedVideo, id_feat: Tensor, desc: str =
 
 def render_key(rt: Runtime, enc: EncodedVideo, id_feat: Tensor) -> str:
     """What a render depends on beyond the inversion: the identity and the decoder."""
-    import hashlib
-
     identity = hashlib.sha256(id_feat.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
     return make_key(encode=enc.key, identity=identity, decoder=rt.decoder, steps=rt.decoder_steps,
                     spacing=rt.decoder_spacing)
