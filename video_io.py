@@ -15,7 +15,9 @@ import contextlib
 import os
 import re
 import uuid
+import warnings
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -175,6 +177,25 @@ class FrameSource:
     def __len__(self) -> int:
         return len(self.names)
 
+    def audio(self) -> AudioClip | None:
+        """The source's sound under the selected frames (a video file with an audio stream), else None.
+
+        The clip starts at the selected first frame's time (the video stream's start time + index / fps) and lasts
+        len(self) / fps seconds, so that it stays in sync with an output written at the source frame rate."""
+        if not self.is_video or not self.fps:
+            return None
+        import av
+
+        try:
+            with av.open(str(self.path)) as container:
+                if not container.streams.audio:
+                    return None
+                video = container.streams.video[0]
+                offset = float(video.start_time * video.time_base) if video.start_time is not None else 0.0
+        except av.error.FFmpegError:
+            return None
+        return AudioClip(self.path, offset + self._range.start / self.fps, len(self) / self.fps)
+
     def __iter__(self) -> Iterator[np.ndarray]:
         """Yield every selected frame in order as RGB uint8 [H, W, 3] (streamed)."""
         if not self.is_video:
@@ -254,6 +275,15 @@ def _as_uint8_rgb(frame: np.ndarray | Image.Image) -> np.ndarray:
     return arr
 
 
+@dataclass(frozen=True)
+class AudioClip:
+    """`duration` seconds of the first audio stream of `path` from `start` seconds (the container's clock)."""
+
+    path: Path
+    start: float
+    duration: float
+
+
 class VideoWriter:
     """H.264 mp4 writer (libx264, yuv420p) that appears atomically at `path` when closed.
 
@@ -265,12 +295,17 @@ class VideoWriter:
         path: output .mp4 path; its folder is created if needed.
         fps: frame rate, e.g. 25 or Fraction(30000, 1001) (a float is turned into the nearest small fraction).
         crf: x264 constant rate factor (0 lossless .. 51; 18 is visually lossless).
+        audio: sound to add (AAC, mono or stereo at the source's sample rate), cut to the clip's time range, e.g.
+            `FrameSource.audio()`. A source whose audio fails to decode gives a silent video and a warning.
     """
 
-    def __init__(self, path: str | os.PathLike, fps: float | Fraction, crf: int = 18) -> None:
+    def __init__(self, path: str | os.PathLike, fps: float | Fraction, crf: int = 18,
+                 audio: AudioClip | None = None) -> None:
         self.path = Path(path)
         self.rate = _as_rate(fps)
         self.crf = crf
+        self.audio = audio
+        self._astream = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = _temp_sibling(self.path)
         self._container = None
@@ -292,6 +327,8 @@ class VideoWriter:
             self._stream.pix_fmt = 'yuv420p'
             self._stream.codec_context.time_base = 1 / self.rate
             self._stream.options = {'crf': str(self.crf)}
+            if self.audio is not None:
+                self._astream = self._add_audio_stream()
         elif (w, h) != self._size:
             raise ValueError(f'frame {self.n_frames} is {w}x{h}, but the video is {self._size[0]}x{self._size[1]}')
         if w % 2 or h % 2:
@@ -310,10 +347,59 @@ class VideoWriter:
             raise ValueError(f'no frame written to {self.path}')
         for packet in self._stream.encode():
             self._container.mux(packet)
+        if self._astream is not None:
+            self._mux_audio()
         self._container.close()
         self._container = None
         os.replace(self._tmp, self.path)
         return self.path
+
+    def _add_audio_stream(self):
+        import av
+
+        try:
+            with av.open(str(self.audio.path)) as src:
+                ctx = src.streams.audio[0].codec_context
+                rate, channels = ctx.sample_rate, ctx.channels
+        except (av.error.FFmpegError, IndexError) as e:
+            warnings.warn(f'{self.path.name}: no sound, the audio of {self.audio.path} cannot be read ({e})')
+            self.audio = None
+            return None
+        return self._container.add_stream('aac', rate=rate, layout='stereo' if channels >= 2 else 'mono')
+
+    def _mux_audio(self) -> None:
+        """Decode the clip's samples from the source, cut them to [start, start + duration) and encode them."""
+        import av
+
+        clip, stream = self.audio, self._astream
+        rate = stream.codec_context.sample_rate
+        resampler = av.AudioResampler(format='fltp', layout=stream.layout.name, rate=rate)
+        first, last = round(clip.start * rate), round((clip.start + clip.duration) * rate)  # sample indices
+        written = 0
+        try:
+            with av.open(str(clip.path)) as src:
+                position = None  # sample index of the next resampled sample
+                for frame in src.decode(src.streams.audio[0]):
+                    for out in resampler.resample(frame):
+                        if position is None:
+                            position = round(out.time * rate) if out.time is not None else 0
+                        arr, begin = out.to_ndarray(), position
+                        position += arr.shape[1]
+                        lo, hi = max(first - begin, 0), min(last - begin, arr.shape[1])
+                        if hi <= lo:
+                            continue
+                        piece = av.AudioFrame.from_ndarray(np.ascontiguousarray(arr[:, lo:hi]), format='fltp',
+                                                           layout=stream.layout.name)
+                        piece.sample_rate, piece.pts, piece.time_base = rate, written, Fraction(1, rate)
+                        written += hi - lo
+                        for packet in stream.encode(piece):
+                            self._container.mux(packet)
+                    if position is not None and position >= last:
+                        break
+        except av.error.FFmpegError as e:
+            warnings.warn(f'{self.path.name}: the audio of {clip.path} stops at {written / rate:.2f} s: {e}')
+        for packet in stream.encode():
+            self._container.mux(packet)
 
     def abort(self) -> None:
         """Drop the partial output (the temporary file); `path` is not touched."""
@@ -334,10 +420,11 @@ class VideoWriter:
 
 
 def write_video(
-    path: str | os.PathLike, frames: Iterable[np.ndarray | Image.Image], fps: float | Fraction, crf: int = 18
+    path: str | os.PathLike, frames: Iterable[np.ndarray | Image.Image], fps: float | Fraction, crf: int = 18,
+    audio: AudioClip | None = None,
 ) -> Path:
     """Write RGB uint8 frames [H, W, 3] as an H.264 mp4 at `fps` (atomically, see `VideoWriter`); returns `path`."""
-    with VideoWriter(path, fps, crf=crf) as writer:
+    with VideoWriter(path, fps, crf=crf, audio=audio) as writer:
         for frame in frames:
             writer.write(frame)
     return Path(path)

@@ -323,11 +323,14 @@ def write_outputs(
     timer: StageTimer | None = None,
     progress: bool = True,
     run_config: dict[str, Any] | None = None,
+    log: Callable[[str], None] = print,
 ) -> list[Path]:
     """Blend, paste back and write every edit in ONE pass over the frames.
 
     Per edit folder: frames/<name>.png (full frames), blend/<name>.png (the crop composite, released
     `paste_avg_mani`), out.mp4 at `fps`, side_by_side.mp4 (original | reconstruction if any | edit) and config.json.
+    The videos carry the source's sound (cut to the selected frames) when the source is a video file with audio and
+    `fps` is its frame rate.
     Each folder is written as `<folder>.partial` and renamed when complete. The aligned crops go to
     `<out_root>/crops/` and, when given, the reconstruction to `<out_root>/recon/`.
     """
@@ -337,6 +340,10 @@ def write_outputs(
     from video_io import VideoWriter, save_image_atomic
 
     timer = timer or StageTimer()
+    audio = source.audio() if hasattr(source, 'audio') else None
+    if audio is not None and abs(fps - source.fps) > 1e-3:
+        log(f'note: the videos are written at {fps:g} fps, not the source rate {source.fps:g}: they carry no sound')
+        audio = None
     feather_sigma = feather if blend == 'feather' else 0.0
     masks = enc.masks[:, 0].numpy()
     crops_u8 = enc.crops.numpy()
@@ -354,7 +361,8 @@ def write_outputs(
         with timer('paste'):
             renders = to_uint8(r.render).numpy()
             blends = to_uint8(core.blend(r.render, crops_float, enc.masks) * 2 - 1).numpy()
-        staged.append((r, tmp, renders, blends, VideoWriter(tmp / 'out.mp4', fps), VideoWriter(tmp / 'side_by_side.mp4', fps)))
+        staged.append((r, tmp, renders, blends, VideoWriter(tmp / 'out.mp4', fps, audio=audio),
+                       VideoWriter(tmp / 'side_by_side.mp4', fps, audio=audio)))
     recon_u8 = to_uint8(recon).numpy() if recon is not None else None
     if recon_u8 is not None:
         (out_root / 'recon').mkdir(exist_ok=True)

@@ -181,6 +181,24 @@ def test_video_file_input_keeps_source_rate(weights, test_videos_dir, tmp_path):
     assert sorted(p.stem for p in (out / 'Bald_0.20' / 'frames').glob('*.png')) == ['000002', '000003']
 
 
+def test_edited_video_keeps_the_source_sound(weights, sample_video_dir, tmp_path, capsys):
+    from test_video_io import decoded_sound, dominant_hz, video_with_sound
+
+    video = video_with_sound(sample_video_dir, tmp_path / 'talk.mp4', n=8, size=(640, 360))
+    out = tmp_path / 'out'
+    editing_classifier.main(cls_args(weights, out, tmp_path / 'cache', video, '--start', '3', '--max_num', '3',
+                                     '--attribute', 'Bald', '--scale', '0.2'))
+    for name in ('out.mp4', 'side_by_side.mp4'):
+        samples, rate = decoded_sound(out / 'Bald_0.20' / name)
+        assert 0.12 * rate <= len(samples) <= 0.12 * rate + 2048  # 3 frames at 25 fps
+        assert dominant_hz(samples[: int(0.12 * rate)], rate) == pytest.approx(1000, abs=50)  # after the switch
+    # another output rate cannot keep the sound in sync: none, and the user is told
+    editing_classifier.main(cls_args(weights, tmp_path / 'out10', tmp_path / 'cache', video, '--start', '3',
+                                     '--max_num', '3', '--attribute', 'Bald', '--scale', '0.2', '--fps', '10'))
+    assert decoded_sound(tmp_path / 'out10' / 'Bald_0.20' / 'out.mp4') is None
+    assert 'carry no sound' in capsys.readouterr().out
+
+
 def test_blanked_face_is_interpolated_and_non_images_ignored(weights, sample_video_dir, tmp_path):
     video = frames_folder(sample_video_dir, tmp_path / 'clip')
     middle = sorted(video.glob('*.jpeg'))[1]

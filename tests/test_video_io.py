@@ -219,3 +219,75 @@ def test_save_image_atomic(tmp_path: Path) -> None:
     assert sorted(x.name for x in (tmp_path / 'out').iterdir()) == ['a.png', 'noext']
     with pytest.raises(ValueError):
         save_image_atomic(tmp_path / 'b.png', arr.astype(np.float32))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sound
+
+
+def video_with_sound(frames_dir: Path, path: Path, n: int = 10, fps: int = 25, switch: float = 0.12,
+                     size: tuple[int, int] = (320, 180)) -> Path:
+    """An mp4 of `n` real frames (resized) at `fps` with a 48 kHz stereo AAC track: a 200 Hz tone before `switch`
+    seconds and a 1000 Hz tone after it, so that a cut can be checked by its frequency."""
+    import av
+
+    rate = 48000
+    with av.open(str(path), 'w', format='mp4') as out:
+        video = out.add_stream('libx264', rate=fps)
+        video.width, video.height, video.pix_fmt = size[0], size[1], 'yuv420p'
+        sound = out.add_stream('aac', rate=rate, layout='stereo')
+        for i, p in enumerate(sorted(frames_dir.glob('*.jpeg'))[:n]):
+            img = np.asarray(Image.open(p).convert('RGB').resize(size, Image.BILINEAR))
+            frame = av.VideoFrame.from_ndarray(img, format='rgb24').reformat(format='yuv420p')
+            frame.pts, frame.time_base = i, Fraction(1, fps)
+            for packet in video.encode(frame):
+                out.mux(packet)
+        t = np.arange(round(rate * n / fps)) / rate
+        tone = np.where(t < switch, np.sin(2 * np.pi * 200 * t), np.sin(2 * np.pi * 1000 * t)).astype(np.float32)
+        for k in range(0, len(t), 1024):
+            chunk = 0.3 * np.stack([tone[k:k + 1024]] * 2)
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(chunk), format='fltp', layout='stereo')
+            frame.sample_rate, frame.pts, frame.time_base = rate, k, Fraction(1, rate)
+            for packet in sound.encode(frame):
+                out.mux(packet)
+        for stream in (video, sound):
+            for packet in stream.encode():
+                out.mux(packet)
+    return path
+
+
+def decoded_sound(path: Path) -> tuple[np.ndarray, int] | None:
+    """(mono samples, sample rate) of the first audio stream of `path`, or None when it has none."""
+    import av
+
+    with av.open(str(path)) as c:
+        if not c.streams.audio:
+            return None
+        stream = c.streams.audio[0]
+        samples = [f.to_ndarray().reshape(f.layout.nb_channels if f.format.is_planar else 1, -1)[0]
+                   for f in c.decode(stream)]
+        return np.concatenate(samples), stream.codec_context.sample_rate
+
+
+def dominant_hz(samples: np.ndarray, rate: int) -> float:
+    spectrum = np.abs(np.fft.rfft(samples * np.hanning(len(samples))))
+    return float(np.fft.rfftfreq(len(samples), 1 / rate)[spectrum.argmax()])
+
+
+def test_sound_follows_the_selected_frames(sample_video_dir: Path, test_videos_dir: Path, tmp_path: Path) -> None:
+    video = video_with_sound(sample_video_dir, tmp_path / 'talk.mp4')
+    src = FrameSource(video, start=3, max_num=5)  # frames 3..7: 0.12 s to 0.32 s, all after the tone switch
+    clip = src.audio()
+    assert clip is not None and clip.path == video
+    assert clip.start == pytest.approx(0.12, abs=1e-6) and clip.duration == pytest.approx(0.2, abs=1e-6)
+    out = write_video(tmp_path / 'out.mp4', list(src), src.rate, audio=clip)
+    samples, rate = decoded_sound(out)
+    assert rate == 48000 and 0.2 * rate <= len(samples) <= 0.2 * rate + 2048  # AAC pads to whole 1024-sample frames
+    assert dominant_hz(samples[: int(0.2 * rate)], rate) == pytest.approx(1000, abs=30)
+    whole = FrameSource(video)
+    assert dominant_hz(decoded_sound(write_video(tmp_path / 'all.mp4', list(whole), whole.rate,
+                                                 audio=whole.audio()))[0][:4800], 48000) == pytest.approx(200, abs=30)
+    # no sound to carry: a silent video, a frame folder
+    assert FrameSource(test_videos_dir / 'carphone.mp4', max_num=2).audio() is None
+    assert FrameSource(sample_video_dir, max_num=2).audio() is None
+    assert decoded_sound(write_video(tmp_path / 'silent.mp4', list(src), src.rate)) is None
