@@ -105,6 +105,7 @@ def test_compiled_model_equals_eager_and_compiles_each_shape_once(no_tf32):
     compiled = optimize_for_inference(model, CUDA, channels_last=True, compile=True, compile_mode=None)
     assert (compiled(x, t, z) - ref).abs().max().item() < 1e-3
     graphs = counters['stats']['unique_graphs']
+    assert graphs >= 1  # the counter this test relies on exists in this torch version
     for _ in range(3):  # the sampling loop: same shapes, new values
         x, t, z = x + 0.1, (t + 7) % 1000, z * 0.9
         compiled(x, t, z)
@@ -132,8 +133,9 @@ def aligned_frames(dest: Path, n: int = 4) -> Path:
 def test_classifier_edit_on_gpu_bf16_with_auto_batch_matches_cpu(tmp_path):
     """The whole edit on the GPU (bf16, --batch_size auto, channels_last) against the same edit on the CPU in fp32.
 
-    The random tiny network makes DDIM chaotic on single pixels, so the frames are compared on average; schedule
-    maths run in bf16, a wrong batch split or a lost conditioning move the mean by tens of grey levels."""
+    The random tiny network makes DDIM chaotic on single pixels, so the frames are compared on average (a sanity
+    bound, not a measured tolerance: no GPU has run this yet); schedule maths in bf16, a wrong batch split or a lost
+    conditioning move the mean by tens of grey levels."""
     import editing_classifier
     from bench.bench_edit import write_random_checkpoints
 
@@ -151,7 +153,7 @@ def test_classifier_edit_on_gpu_bf16_with_auto_batch_matches_cpu(tmp_path):
         outs[device] = np.stack([np.asarray(Image.open(p)).astype(np.float64)
                                  for p in sorted((out / 'Smiling_0.50' / 'frames').glob('*.png'))])
     assert outs['cuda'].shape == outs['cpu'].shape
-    assert np.abs(outs['cuda'] - outs['cpu']).mean() < 4.0
+    assert np.abs(outs['cuda'] - outs['cpu']).mean() < 8.0
 
 
 def test_fp16_mixed_training_on_gpu_uses_the_grad_scaler(tmp_path):
