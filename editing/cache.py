@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -66,21 +67,31 @@ class Cache:
             return None
 
     def put(self, kind: str, key: str, data: dict[str, Any], meta: dict[str, Any]) -> Path | None:
+        """Store an entry; returns its folder, or None when the cache is disabled or cannot be written (a full disk,
+        a read-only folder: the run goes on without caching, with a warning, rather than losing its work)."""
         if not self.enabled:
             return None
-        self.root.mkdir(parents=True, exist_ok=True)
         final = self._dir(kind, key)
-        tmp = Path(tempfile.mkdtemp(prefix=f'.{kind}-', dir=self.root))
+        tmp = None
         try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f'.{kind}-', dir=self.root))
             torch.save(data, tmp / 'data.pt')
             (tmp / 'meta.json').write_text(json.dumps(meta, indent=2, default=str))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
+        except OSError as e:
+            self.warn(e)
+            return None
         finally:
-            if tmp.exists():
+            if tmp is not None and tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
         return final
+
+    def warn(self, error: OSError) -> None:
+        warnings.warn(f'cannot write the cache in {self.root} ({error}); going on without it. Free some space, or '
+                      'pass --cache_dir DIR (or --no_cache)', stacklevel=3)
 
     def partial_dir(self, kind: str, key: str) -> Path | None:
         """A folder for the pieces of an unfinished entry (e.g. the batches of an interrupted inversion), or None

@@ -15,6 +15,7 @@ import hashlib
 import os
 import shutil
 import time
+import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -156,7 +157,8 @@ def resumable_batches(partial: Path | None, shape: torch.Size, what: str, log: C
     """A per-frame result of `shape` [N,...] computed batch by batch with every batch saved in `partial` as it
     completes ({'index', 'out'} files), so that an interrupted computation resumes where it stopped (with any batch
     size). compute(todo, on_batch) returns the results of the frames `todo` and calls on_batch(sl, out[sl]) after
-    each batch, sl indexing `todo`. Without `partial` nothing is saved."""
+    each batch, sl indexing `todo`. Without `partial` nothing is saved; when saving fails (full disk, read-only
+    folder) the computation goes on unsaved, with a warning."""
     out, done = torch.zeros(shape), torch.zeros(shape[0], dtype=torch.bool)
     for f in sorted(partial.glob('*.pt')) if partial is not None and partial.is_dir() else []:
         try:
@@ -171,9 +173,18 @@ def resumable_batches(partial: Path | None, shape: torch.Size, what: str, log: C
     if done.any():
         log(f'resuming {what}: {int(done.sum())} of {shape[0]} frames were done before ({partial})')
 
+    failed: list[OSError] = []
+
     def save(sl: slice, value: Tensor) -> None:
-        partial.mkdir(parents=True, exist_ok=True)
-        torch_save({'index': todo[sl].clone(), 'out': value}, partial / f'{int(todo[sl][0]):07d}-{os.getpid()}.pt')
+        if failed:
+            return
+        try:
+            partial.mkdir(parents=True, exist_ok=True)
+            torch_save({'index': todo[sl].clone(), 'out': value}, partial / f'{int(todo[sl][0]):07d}-{os.getpid()}.pt')
+        except OSError as e:
+            failed.append(e)
+            warnings.warn(f'cannot save the finished batches of {what} in {partial} ({e}); an interruption will '
+                          'start it over', stacklevel=2)
 
     if len(todo):
         out[todo] = compute(todo, save if partial is not None else None)

@@ -181,6 +181,16 @@ def test_video_file_input_keeps_source_rate(weights, test_videos_dir, tmp_path):
     assert sorted(p.stem for p in (out / 'Bald_0.20' / 'frames').glob('*.png')) == ['000002', '000003']
 
 
+def test_an_unwritable_cache_does_not_lose_the_edit(weights, sample_video_dir, tmp_path):
+    cache = tmp_path / 'cache_is_a_file'
+    cache.write_text('not a folder')  # every cache write fails, as on a full disk or a read-only mount
+    with pytest.warns(UserWarning, match='cannot'):
+        summary = editing_classifier.main(cls_args(weights, tmp_path / 'out', cache, sample_video_dir, '--max_num',
+                                                   '2', '--attribute', 'Smiling', '--scale', '0.4'))
+    assert summary['frames'] == 2 and (tmp_path / 'out' / 'Smiling_0.40' / 'out.mp4').is_file()
+    assert cache.read_text() == 'not a folder'
+
+
 def test_edited_video_keeps_the_source_sound(weights, sample_video_dir, tmp_path, capsys):
     from test_video_io import decoded_sound, dominant_hz, video_with_sound
 
