@@ -360,7 +360,6 @@ def write_outputs(
     crops_u8 = enc.crops.numpy()
     crop_dir = out_root / 'crops'
     crop_dir.mkdir(parents=True, exist_ok=True)
-    crops_float = enc.crops_float()
     staged = []
     for r in results:
         edit_dir_ready(r.out_dir, overwrite)
@@ -371,8 +370,7 @@ def write_outputs(
         (tmp / 'blend').mkdir()
         with timer('paste'):
             renders = to_uint8(r.render).numpy()
-            blends = to_uint8(core.blend(r.render, crops_float, enc.masks) * 2 - 1).numpy()
-        staged.append((r, tmp, renders, blends, VideoWriter(tmp / 'out.mp4', fps, audio=audio),
+        staged.append((r, tmp, renders, VideoWriter(tmp / 'out.mp4', fps, audio=audio),
                        VideoWriter(tmp / 'side_by_side.mp4', fps, audio=audio)))
     recon_u8 = to_uint8(recon).numpy() if recon is not None else None
     if recon_u8 is not None:
@@ -395,14 +393,17 @@ def write_outputs(
                 recon_frame = None if recon_u8 is None else \
                     paste_back(frame, recon_u8[i], enc.quads[i], masks[i], feather_sigma)
                 outs = [paste_back(frame, renders[i], enc.quads[i], masks[i], feather_sigma)
-                        for _, _, renders, _, _, _ in staged]
+                        for _, _, renders, _, _ in staged]
+                crop = crops_to_float(enc.crops[i:i + 1])  # per frame: long videos never hold all crops as floats
+                blends = [to_uint8(core.blend(r.render[i:i + 1], crop, enc.masks[i:i + 1]) * 2 - 1)[0].numpy()
+                          for r, *_ in staged]
             with timer('write'):
                 save(crop_dir / f'{name}.png', crops_u8[i])
                 if recon_frame is not None:
                     save(out_root / 'recon' / f'{name}.png', recon_frame)
-                for out, (r, tmp, renders, blends, writer, sbs) in zip(outs, staged):
+                for out, blend_crop, (r, tmp, _, writer, sbs) in zip(outs, blends, staged):
                     save(tmp / 'frames' / f'{name}.png', out)
-                    save(tmp / 'blend' / f'{name}.png', blends[i])
+                    save(tmp / 'blend' / f'{name}.png', blend_crop)
                     writer.write(out)
                     sbs.write(_side_by_side([frame] + ([recon_frame] if recon_frame is not None else []) + [out]))
         with timer('write'):
@@ -412,13 +413,13 @@ def write_outputs(
         for f in pending:
             f.cancel()
         pool.shutdown(wait=True)
-        for _, tmp, _, _, writer, sbs in staged:
+        for _, tmp, _, writer, sbs in staged:
             writer.abort()
             sbs.abort()
         raise
     pool.shutdown(wait=True)
     written = []
-    for r, tmp, _, _, writer, sbs in staged:
+    for r, tmp, _, writer, sbs in staged:
         with timer('write'):
             writer.close()
             sbs.close()
