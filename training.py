@@ -321,7 +321,8 @@ def build_trainer(
                      precision=t.precision, max_steps=t.max_steps, gradient_clip_val=t.grad_clip,
                      gradient_clip_algorithm='norm', log_every_n_steps=t.log_every, limit_val_batches=0,
                      num_sanity_val_steps=0, logger=logger, callbacks=[ckpt, grid, final, *callbacks],
-                     default_root_dir=run_dir, enable_progress_bar=enable_progress_bar, benchmark=False)
+                     default_root_dir=run_dir, enable_progress_bar=enable_progress_bar,
+                     benchmark=True)  # cuDNN autotuning: every training batch has the same shape
 
 
 def is_launcher_process() -> bool:
