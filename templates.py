@@ -18,8 +18,10 @@ def diffusion_video_autoencoder() -> DVAConfig:
 
 
 def diffusion_video_autoencoder_eval() -> DVAConfig:
+    """The released run_eval.py preset: the training network AND name, so that its latent.pkl lands in
+    checkpoints/diffusion_video_autoencoder/ where run_cls.py and the editing scripts look; 64 frames per batch."""
     cfg = diffusion_video_autoencoder()
-    return replace(cfg, name='diffusion_video_autoencoder_eval', data=replace(cfg.data, eval_batch_size=64))
+    return replace(cfg, data=replace(cfg.data, eval_batch_size=64))
 
 
 def tiny() -> DVAConfig:

@@ -22,6 +22,9 @@ def test_released_preset_values():
     assert cfg.unet.model_channels == 128 and cfg.unet.channel_mult == (1, 1, 2, 2, 4, 4)
     assert cfg.encoder.fusion_in_dim == 614 and cfg.encoder.z_dim == 512
     assert cfg.train.lr == 1e-4 and cfg.train.ema_decay == 0.9999 and cfg.data.frames_per_clip == 4
+    # run_eval's preset shares the name, so latent.pkl goes to checkpoints/diffusion_video_autoencoder/ as released
+    ev = templates.diffusion_video_autoencoder_eval()
+    assert ev.name == cfg.name and ev.unet == cfg.unet and ev.data.eval_batch_size == 64
 
 
 def test_overrides_are_typed_and_unknown_keys_fail():
