@@ -7,6 +7,7 @@ the alignment settings, the checkpoint and the number of DDIM steps.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -102,3 +103,55 @@ class Cache:
         path = self.partial_dir(kind, key)
         if path is not None and path.exists():
             shutil.rmtree(path, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# python -m editing.cache [--cache_dir DIR] [--clear [--older_than DAYS] [--partial]]
+
+
+def cache_entries(root: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every entry folder under `root` (complete or partial), newest first: name, kind, bytes, age in days, meta."""
+    import time
+
+    root = Path(root)
+    out = []
+    for d in sorted(root.iterdir()) if root.is_dir() else []:
+        if not d.is_dir() or d.name.startswith('.'):
+            continue
+        files = [f for f in d.rglob('*') if f.is_file()]
+        mtime = max((f.stat().st_mtime for f in files), default=d.stat().st_mtime)
+        meta = {}
+        with contextlib.suppress(OSError, ValueError):
+            meta = json.loads((d / 'meta.json').read_text())
+        out.append({'path': d, 'kind': d.name.rsplit('-', 1)[0], 'bytes': sum(f.stat().st_size for f in files),
+                    'age_days': (time.time() - mtime) / 86400, 'meta': meta})
+    return sorted(out, key=lambda e: e['age_days'])
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog='python -m editing.cache',
+                                description='List or clear the editing cache (alignments, inversions, unfinished '
+                                            'work of interrupted edits).')
+    p.add_argument('--cache_dir', default=str(DEFAULT_CACHE), help=f'the cache folder (default {DEFAULT_CACHE})')
+    p.add_argument('--clear', action='store_true', help='delete the selected entries (default: only list them)')
+    p.add_argument('--older_than', type=float, default=0.0, metavar='DAYS', help='select entries unused this long')
+    p.add_argument('--partial', action='store_true', help='select only the unfinished work of interrupted edits')
+    args = p.parse_args(argv)
+    entries = [e for e in cache_entries(args.cache_dir) if e['age_days'] >= args.older_than
+               and (not args.partial or e['kind'].startswith('partial'))]
+    for e in entries:
+        source = e['meta'].get('source', '')
+        print(f'{e["bytes"] / 2**20:9.1f} MB  {e["age_days"]:6.1f} d  {e["kind"]:<16} {source}  ({e["path"].name})')
+    total = sum(e['bytes'] for e in entries) / 2**20
+    print(f'{len(entries)} entries, {total:.1f} MB in {args.cache_dir}')
+    if args.clear:
+        for e in entries:
+            shutil.rmtree(e['path'], ignore_errors=True)
+        print(f'deleted {len(entries)} entries ({total:.1f} MB)')
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
