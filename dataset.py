@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from config import CELEBA_ATTRIBUTES
-from video_io import IMAGE_EXTS, list_frames, natural_key  # noqa: F401  (IMAGE_EXTS is re-exported)
+from video_io import list_frames, natural_key
 
 FlipMode = Literal['clip', 'frame', 'none']
 _LAYOUT = 'ROOT/{split}/<video>/<frame>.jpg (one sub-folder of image frames per video)'
