@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     measured = cold.get('invert', 0.0) + cold.get('render', 0.0)
     flops = unet_flops_per_image(cfg.unet, cfg.encoder.z_dim)
     achieved = flops * runs['cold']['unet_images'] / runs['cold']['frames'] / measured / 1e12 if measured else None
-    peak = cuda_peak_tflops(device, args.precision if args.precision != 'fp32' else 'fp32')  # type: ignore[arg-type]
+    peak = cuda_peak_tflops(device, args.precision)  # type: ignore[arg-type]
     result['unet_throughput'] = {'flops_per_forward': flops, 'achieved_tflops': achieved, 'peak_tflops': peak,
                                  'fraction_of_peak': achieved / peak if achieved and peak else None}
     if device.type == 'cuda':
