@@ -335,13 +335,14 @@ def write_outputs(
     progress: bool = True,
     run_config: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
+    save_frames: bool = True,
 ) -> list[Path]:
     """Blend, paste back and write every edit in ONE pass over the frames.
 
     Per edit folder: frames/<name>.png (full frames), blend/<name>.png (the crop composite, released
     `paste_avg_mani`), out.mp4 at `fps`, side_by_side.mp4 (original | reconstruction if any | edit) and config.json.
     The videos carry the source's sound (cut to the selected frames) when the source is a video file with audio and
-    `fps` is its frame rate.
+    `fps` is its frame rate. Without `save_frames` the full frames are only in the videos (no frames/ folder).
     Each folder is written as `<folder>.partial` and renamed when complete. The aligned crops go to
     `<out_root>/crops/` and, when given, the reconstruction to `<out_root>/recon/`.
     """
@@ -366,8 +367,9 @@ def write_outputs(
         tmp = r.out_dir.with_name(r.out_dir.name + '.partial')
         if tmp.exists():
             shutil.rmtree(tmp)
-        (tmp / 'frames').mkdir(parents=True)
-        (tmp / 'blend').mkdir()
+        (tmp / 'blend').mkdir(parents=True)
+        if save_frames:
+            (tmp / 'frames').mkdir()
         with timer('paste'):
             renders = to_uint8(r.render).numpy()
         staged.append((r, tmp, renders, VideoWriter(tmp / 'out.mp4', fps, audio=audio),
@@ -402,7 +404,8 @@ def write_outputs(
                 if recon_frame is not None:
                     save(out_root / 'recon' / f'{name}.png', recon_frame)
                 for out, blend_crop, (r, tmp, _, writer, sbs) in zip(outs, blends, staged):
-                    save(tmp / 'frames' / f'{name}.png', out)
+                    if save_frames:
+                        save(tmp / 'frames' / f'{name}.png', out)
                     save(tmp / 'blend' / f'{name}.png', blend_crop)
                     writer.write(out)
                     sbs.write(_side_by_side([frame] + ([recon_frame] if recon_frame is not None else []) + [out]))

@@ -204,9 +204,14 @@ def test_edited_video_keeps_the_source_sound(weights, sample_video_dir, tmp_path
         assert dominant_hz(samples[: int(0.12 * rate)], rate) == pytest.approx(1000, abs=50)  # after the switch
     # another output rate cannot keep the sound in sync: none, and the user is told
     editing_classifier.main(cls_args(weights, tmp_path / 'out10', tmp_path / 'cache', video, '--start', '3',
-                                     '--max_num', '3', '--attribute', 'Bald', '--scale', '0.2', '--fps', '10'))
-    assert decoded_sound(tmp_path / 'out10' / 'Bald_0.20' / 'out.mp4') is None
+                                     '--max_num', '3', '--attribute', 'Bald', '--scale', '0.2', '--fps', '10',
+                                     '--no-save_frames'))
+    edit = tmp_path / 'out10' / 'Bald_0.20'
+    assert decoded_sound(edit / 'out.mp4') is None
     assert 'carry no sound' in capsys.readouterr().out
+    # --no-save_frames: the full frames live in the videos only
+    assert read_video_info(edit / 'out.mp4')[0] == 3 and len(list((edit / 'blend').glob('*.png'))) == 3
+    assert not (edit / 'frames').exists() and (out / 'Bald_0.20' / 'frames').is_dir()
 
 
 def test_blanked_face_is_interpolated_and_non_images_ignored(weights, sample_video_dir, tmp_path):
