@@ -60,7 +60,9 @@ def list_frames(folder: str | os.PathLike) -> list[Path]:
         p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith('.') and p.is_file()
     ]
     if not files:
-        raise ValueError(f'no image file ({", ".join(IMAGE_EXTS)}) in frame folder {folder}')
+        videos = sorted((p.name for p in folder.iterdir() if p.suffix.lower() in VIDEO_EXTS), key=natural_key)
+        hint = f'; it holds video files: pass one of them, e.g. {folder / videos[0]}' if videos else ''
+        raise ValueError(f'no image file ({", ".join(IMAGE_EXTS)}) in frame folder {folder}{hint}')
     return sorted(files, key=natural_key)
 
 

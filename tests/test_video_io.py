@@ -67,6 +67,9 @@ def test_list_frames_errors(tmp_path: Path) -> None:
     (empty / 'readme.txt').write_text('x')
     with pytest.raises(ValueError, match='empty'):
         list_frames(empty)
+    (empty / 'clip.MP4').write_bytes(b'')
+    with pytest.raises(ValueError, match='it holds video files: pass one of them, e.g. .*clip.MP4'):
+        list_frames(empty)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
