@@ -49,6 +49,15 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit='frame', disable=not enabled)
 
 
+def _step_progress(frames: int, steps: int, desc: str, enabled: bool):
+    """A bar over every network step of every frame, so that a long DDIM loop shows its rate and ETA from its first
+    step on (a bar per batch stays at 0 for hours on a CPU)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=frames * steps, desc=f'{desc} ({frames} frames x {steps} steps)', unit='step',
+                disable=not enabled, dynamic_ncols=True)
+
+
 @torch.no_grad()
 def encode_frames(model: nn.Module, crops: Tensor, batch_size: int, device: torch.device, progress: bool = False
                   ) -> tuple[Tensor, Tensor]:
@@ -88,13 +97,13 @@ def invert(model: nn.Module, crops: Tensor, z_face: Tensor, schedule: NoiseSched
 
     on_batch(sl, x_T[sl]) is called after every batch (e.g. to persist partial results)."""
     out = []
-    with _progress(len(crops), 'invert', progress) as bar:
+    with _step_progress(len(crops), len(schedule) - 1, 'invert', progress) as bar:
         for sl in batches(len(crops), batch_size):
             eps_fn = conditioned_eps(model, z_face[sl].to(device), precision, micro_batch)
-            out.append(ddim_invert(eps_fn, crops[sl].to(device).float(), schedule).cpu())
+            step = (lambda _, n=sl.stop - sl.start: bar.update(n)) if progress else None
+            out.append(ddim_invert(eps_fn, crops[sl].to(device).float(), schedule, callback=step).cpu())
             if on_batch is not None:
                 on_batch(sl, out[-1])
-            bar.update(sl.stop - sl.start)
     return torch.cat(out) if out else crops.new_empty((0, *crops.shape[1:])).float()
 
 
@@ -110,17 +119,19 @@ def render(model: nn.Module, x_T: Tensor, z_face: Tensor, schedule: NoiseSchedul
     on_batch(sl, x0[sl]) is called after every batch (e.g. to persist partial results).
     """
     out = []
-    with _progress(len(x_T), desc, progress) as bar:
+    steps = len(schedule) if decoder == 'ddim' else decoder_steps or len(schedule)
+    with _step_progress(len(x_T), steps, desc, progress) as bar:
         for sl in batches(len(x_T), batch_size):
             eps_fn = conditioned_eps(model, z_face[sl].to(device), precision, micro_batch)
             x = x_T[sl].to(device).float()
+            step = (lambda _, n=sl.stop - sl.start: bar.update(n)) if progress else None
             if decoder == 'ddim':
-                out.append(ddim_sample(eps_fn, x, schedule).cpu())
+                out.append(ddim_sample(eps_fn, x, schedule, callback=step).cpu())
             else:
-                out.append(dpm_solver_sample(eps_fn, x, schedule, decoder_steps, spacing=decoder_spacing).cpu())
+                out.append(dpm_solver_sample(eps_fn, x, schedule, decoder_steps, spacing=decoder_spacing,
+                                             callback=step).cpu())
             if on_batch is not None:
                 on_batch(sl, out[-1])
-            bar.update(sl.stop - sl.start)
     return torch.cat(out) if out else x_T.new_empty((0, *x_T.shape[1:])).float()
 
 

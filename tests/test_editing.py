@@ -122,11 +122,11 @@ def test_interrupted_inversion_resumes_from_the_saved_batches(weights, sample_vi
 
     real, calls = core.ddim_invert, []
 
-    def flaky(eps_fn, x0, schedule):
+    def flaky(eps_fn, x0, schedule, **kw):
         calls.append(len(x0))
         if len(calls) == 2:
             raise KeyboardInterrupt  # the user stops the run (or the machine goes away) during the second batch
-        return real(eps_fn, x0, schedule)
+        return real(eps_fn, x0, schedule, **kw)
 
     args = ['--max_num', str(N_FRAMES), '--attribute', 'Smiling', '--scale', '0.4']  # batches of 2: frames 0-1, 2
     cache = tmp_path / 'cache'
@@ -137,7 +137,7 @@ def test_interrupted_inversion_resumes_from_the_saved_batches(weights, sample_vi
     assert len(list(cache.glob('partial-encode-*/*.pt'))) == 1
     capsys.readouterr()
     calls.clear()
-    monkeypatch.setattr(core, 'ddim_invert', lambda *a: (calls.append(len(a[1])), real(*a))[1])
+    monkeypatch.setattr(core, 'ddim_invert', lambda *a, **kw: (calls.append(len(a[1])), real(*a, **kw))[1])
     summary = editing_classifier.main(cls_args(weights, tmp_path / 'out', cache, sample_video_dir, *args))
     assert calls == [1] and summary['cache_hits']['invert'] is False  # only frame 2 was inverted again
     assert 'resuming the inversion: 2 of 3 frames' in capsys.readouterr().out
@@ -151,11 +151,11 @@ def test_interrupted_inversion_resumes_from_the_saved_batches(weights, sample_vi
     # renders resume the same way: a new edit interrupted in its second batch re-renders only that batch
     render, calls = core.ddim_sample, []
 
-    def flaky_render(eps_fn, x, schedule):
+    def flaky_render(eps_fn, x, schedule, **kw):
         calls.append(len(x))
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return render(eps_fn, x, schedule)
+        return render(eps_fn, x, schedule, **kw)
 
     bald = ['--max_num', str(N_FRAMES), '--attribute', 'Bald', '--scale', '0.4']
     monkeypatch.setattr(core, 'ddim_sample', flaky_render)
@@ -163,7 +163,7 @@ def test_interrupted_inversion_resumes_from_the_saved_batches(weights, sample_vi
         editing_classifier.main(cls_args(weights, tmp_path / 'out', cache, sample_video_dir, *bald))
     assert len(list(cache.glob('partial-render-*/*.pt'))) == 1 and not (tmp_path / 'out' / 'Bald_0.40').exists()
     calls.clear()
-    monkeypatch.setattr(core, 'ddim_sample', lambda *a: (calls.append(len(a[1])), render(*a))[1])
+    monkeypatch.setattr(core, 'ddim_sample', lambda *a, **kw: (calls.append(len(a[1])), render(*a, **kw))[1])
     editing_classifier.main(cls_args(weights, tmp_path / 'out', cache, sample_video_dir, *bald))
     assert calls == [1] and 'resuming render Bald_0.40: 2 of 3 frames' in capsys.readouterr().out
     assert (tmp_path / 'out' / 'Bald_0.40' / 'out.mp4').is_file() and not list(cache.glob('partial-*'))
@@ -309,3 +309,24 @@ def test_bad_input_fails_clearly_and_writes_no_result(case, weights, sample_vide
     with pytest.raises(SystemExit, match=expect):
         editing_classifier.main(cls_args(w, out, tmp_path / 'cache', video, *extra))
     assert not (out / 'Mustache_0.30').exists()
+
+
+def test_progress_bars_count_every_network_step(capsys):
+    """The DDIM bars advance per step and frame (rate and ETA from the first step), not once per finished batch."""
+    from diffusion import NoiseSchedule
+    from editing import core
+
+    class Zero(torch.nn.Module):
+        def forward(self, x, t, z):
+            return torch.zeros_like(x)
+
+    schedule, cpu = NoiseSchedule.linear().respace(5), torch.device('cpu')
+    x_T = core.invert(Zero(), torch.zeros(3, 3, 8, 8), torch.zeros(3, 512), schedule, 2, cpu, progress=True)
+    err = capsys.readouterr().err
+    assert '12/12' in err and 'invert (3 frames x 4 steps)' in err
+    core.render(Zero(), x_T, torch.zeros(3, 512), schedule, 2, cpu, progress=True, desc='render')
+    core.render(Zero(), x_T, torch.zeros(3, 512), schedule, 2, cpu, progress=True, desc='fast', decoder='dpm++2m',
+                decoder_steps=3)
+    err = capsys.readouterr().err
+    assert '15/15' in err and 'render (3 frames x 5 steps)' in err
+    assert '9/9' in err and 'fast (3 frames x 3 steps)' in err
