@@ -296,7 +296,8 @@ def render_key(rt: Runtime, enc: EncodedVideo, id_feat: Tensor) -> str:
 
 @dataclass
 class EditResult:
-    """One edit to write: its folder, the rendered crops [N,3,S,S] in [-1,1] and what describes it."""
+    """One edit to write: its folder, the rendered crops as uint8 [N,S,S,3] (`to_uint8` of the render: a quarter of
+    the float memory, which adds up with several edits of a long video) and what describes it."""
 
     name: str
     out_dir: Path
@@ -329,7 +330,7 @@ def write_outputs(
     fps: float,
     blend: Literal['hard', 'feather'] = 'hard',
     feather: float = 3.0,
-    recon: Tensor | None = None,
+    recon: Tensor | None = None,  # uint8 [N,S,S,3] like EditResult.render
     overwrite: bool = False,
     timer: StageTimer | None = None,
     progress: bool = True,
@@ -370,11 +371,10 @@ def write_outputs(
         (tmp / 'blend').mkdir(parents=True)
         if save_frames:
             (tmp / 'frames').mkdir()
-        with timer('paste'):
-            renders = to_uint8(r.render).numpy()
+        renders = r.render.numpy()
         staged.append((r, tmp, renders, VideoWriter(tmp / 'out.mp4', fps, audio=audio),
                        VideoWriter(tmp / 'side_by_side.mp4', fps, audio=audio)))
-    recon_u8 = to_uint8(recon).numpy() if recon is not None else None
+    recon_u8 = recon.numpy() if recon is not None else None
     if recon_u8 is not None:
         (out_root / 'recon').mkdir(exist_ok=True)
     frames = iter(enc.frames if enc.frames is not None else source)
@@ -397,8 +397,8 @@ def write_outputs(
                 outs = [paste_back(frame, renders[i], enc.quads[i], masks[i], feather_sigma)
                         for _, _, renders, _, _ in staged]
                 crop = crops_to_float(enc.crops[i:i + 1])  # per frame: long videos never hold all crops as floats
-                blends = [to_uint8(core.blend(r.render[i:i + 1], crop, enc.masks[i:i + 1]) * 2 - 1)[0].numpy()
-                          for r, *_ in staged]
+                blends = [to_uint8(core.blend(crops_to_float(r.render[i:i + 1]), crop, enc.masks[i:i + 1]) * 2 - 1)
+                          [0].numpy() for r, *_ in staged]
             with timer('write'):
                 save(crop_dir / f'{name}.png', crops_u8[i])
                 if recon_frame is not None:

@@ -10,7 +10,7 @@ import cli
 import templates
 from editing.cache import DEFAULT_CACHE, Cache
 from editing.pipeline import (EditResult, EncodedVideo, Runtime, StageTimer, check_T, encode_video, print_summary,
-                              render_identity, render_key, write_outputs)
+                              render_identity, render_key, to_uint8, write_outputs)
 
 DEFAULT_CKPT_DIR = Path('checkpoints/diffusion_video_autoencoder')
 
@@ -182,13 +182,13 @@ def finish(args: argparse.Namespace, run: EditRun, enc: EncodedVideo, edits: lis
     results, rendered = [], []
     for name, identity, settings in edits:
         with run.timer('render'):
-            render = render_identity(run.rt, enc, identity, f'render {name}', cache)
+            render = to_uint8(render_identity(run.rt, enc, identity, f'render {name}', cache))
         results.append(EditResult(name, run.out_root / name, render, settings))
         rendered.append(identity)
     recon = None
     if args.save_recon:
         with run.timer('render'):
-            recon = render_identity(run.rt, enc, enc.avg_id, 'reconstruction', cache)
+            recon = to_uint8(render_identity(run.rt, enc, enc.avg_id, 'reconstruction', cache))
         rendered.append(enc.avg_id)
     outputs = write_outputs(run.source, enc, results, run.out_root, run.fps, args.blend, args.feather, recon,
                             args.overwrite, run.timer, not args.quiet, run.run_config, save_frames=args.save_frames)
