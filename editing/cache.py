@@ -63,7 +63,8 @@ class Cache:
         if not path.is_file():
             return None
         try:
-            return torch.load(path, map_location='cpu', weights_only=True)
+            # memory-mapped: a long video's x_T is paged in from the file as frames are rendered, not held in RAM
+            return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
         except Exception:  # noqa: BLE001 - a damaged entry is recomputed, never trusted
             return None
 
