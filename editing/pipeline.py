@@ -250,7 +250,9 @@ def encode_video(
     hits['invert'] = encoded is not None
     if encoded is None:
         encoded = encode_crops(rt, crops_to_float(aligned['crops']), timer, cache.partial_dir('encode', ekey), log)
-        cache.put('encode', ekey, encoded, {'source': str(source.path), 'checkpoint': str(rt.checkpoint), 'T': rt.T})
+        if cache.put('encode', ekey, encoded, {'source': str(source.path), 'checkpoint': str(rt.checkpoint),
+                                               'T': rt.T}) is not None:
+            encoded = cache.get('encode', ekey) or encoded  # memory-mapped from now on: RAM goes to the renders
         cache.drop_partial('encode', ekey)
     return EncodedVideo(names=list(source.names), quads=aligned['quads'].numpy(), missing=missing,
                         crops=aligned['crops'], cache_hits=hits, frames=frames, key=ekey, **encoded)
