@@ -31,7 +31,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import format_table, machine_info, perturb_zero_init, warn_allocator, write_json
+from bench.common import format_table, machine_info, perturb_zero_init, setup_device
 
 METHODS = ('ddim', 'dpm++2m', 'dpm++2m-logsnr')
 
@@ -150,10 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     import cli
 
-    device = cli.resolve_device(args.device)
-    cli.set_cpu_threads()
-    if device.type == 'cpu':
-        warn_allocator()
+    device = setup_device(args.device)
     with torch.no_grad():
         rows = [r for name in args.problem for r in run_problem(name, args, device)]
     cols = [('problem', 'problem', 's'), ('steps', 'calls', 'd'), ('method', 'decoder', 's'),
@@ -163,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(format_table(rows, cols))
     result = {'config': vars(args), 'machine': machine_info(device), 'rows': rows}
     if args.json:
-        write_json(args.json, result)
+        cli.write_json(args.json, result)
     return result
 
 

@@ -34,8 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (ROOT, format_table, machine_info, maxrss_mb, perturb_zero_init, unet_flops_per_image,
-                          warn_allocator, write_json)
+from bench.common import (ROOT, forward_seconds, format_table, machine_info, maxrss_mb, perturb_zero_init,
+                          setup_device, unet_flops_per_image)
 
 CUDA_TARGET_SECONDS = 0.5  # issue #6: T=100 invert + edit per frame on an H100
 
@@ -112,9 +112,9 @@ def count_unet_calls() -> Iterator[dict[str, int]]:
         handle.remove()
 
 
-@torch.no_grad()
 def batch1_forward_seconds(model: torch.nn.Module, cfg: Any, device: torch.device, precision: str, iters: int
                            ) -> float:
+    """Median seconds of a batch-1 forward of `model` on `device` (one untimed warm-up)."""
     import cli
 
     model = model.to(device)
@@ -122,18 +122,12 @@ def batch1_forward_seconds(model: torch.nn.Module, cfg: Any, device: torch.devic
     x = torch.randn(1, cfg.unet.in_channels, size, size, device=device)
     t = torch.tensor([500], device=device)
     z = torch.randn(1, cfg.encoder.z_dim, device=device)
-    times = []
-    for i in range(iters + 1):  # the first is warm-up
-        if device.type == 'cuda':
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
+
+    def forward() -> torch.Tensor:
         with cli.autocast(device, precision):
-            model(x, t, z)
-        if device.type == 'cuda':
-            torch.cuda.synchronize(device)
-        if i:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+            return model(x, t, z)
+
+    return statistics.median(forward_seconds(forward, device, 1, iters)[0])
 
 
 def run_edit(argv: list[str], device: torch.device) -> tuple[dict[str, Any], dict[str, int], float]:
@@ -176,10 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import templates
     from editing.speed import auto_batch_size, cuda_peak_tflops
 
-    device = cli.resolve_device(args.device)
-    cli.set_cpu_threads()
-    if device.type == 'cpu':
-        warn_allocator()
+    device = setup_device(args.device)
     cfg = templates.get_preset(args.template)
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix='dva_bench_edit_'))
     work.mkdir(parents=True, exist_ok=True)
@@ -266,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f'{label}: invert+render {tg["invert_plus_render_seconds_per_frame"]:.3f} s/frame vs 2T x batch-1 '
               f'forward = {tg["budget_2T_x_batch1_forward"]:.3f} s ({tg["ratio"]:.2f}x): {"met" if tg["met"] else "NOT met"}')
     if args.json:
-        write_json(args.json, result)
+        cli.write_json(args.json, result)
     return result
 
 

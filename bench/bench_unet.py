@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,12 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (
     format_table,
     machine_info,
+    forward_seconds,
     maxrss_mb,
     perturb_zero_init,
-    synchronize,
+    setup_device,
     unet_flops_per_image,
-    warn_allocator,
-    write_json,
 )
 
 COLUMNS = [
@@ -77,13 +75,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from editing.speed import cuda_peak_tflops, optimize_for_inference
     from model.unet import UNet
 
-    device = cli.resolve_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    else:
-        cli.set_cpu_threads()
-    if device.type == 'cpu':
-        warn_allocator()
+    device = setup_device(args.device, args.threads)
     batch_sizes = sorted({int(b) for b in args.batch_sizes.split(',') if b.strip()})
     if not batch_sizes or batch_sizes[0] < 1:
         raise SystemExit('--batch_sizes must list positive integers')
@@ -119,19 +111,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             with cli.autocast(device, precision):
                 return model(x, t, z)
 
-        with torch.no_grad():
-            if device.type == 'cuda':
-                torch.cuda.reset_peak_memory_stats(device)
-                mem_base = torch.cuda.memory_allocated(device)
-            for _ in range(args.warmup):
-                forward()
-            times = []
-            for _ in range(max(1, args.iters)):
-                synchronize(device)
-                start = time.perf_counter()
-                out = forward()
-                synchronize(device)
-                times.append(time.perf_counter() - start)
+        if device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats(device)
+            mem_base = torch.cuda.memory_allocated(device)
+        times, out = forward_seconds(forward, device, args.warmup, args.iters)
         if not torch.isfinite(out).all():
             raise RuntimeError('the random network produced non-finite outputs; timings would not be representative')
         sec = statistics.median(times)
@@ -178,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           + (f', device peak {peak:g} TFLOP/s' if peak else ''))
     print(format_table(rows, COLUMNS))
     if args.json:
-        write_json(args.json, result)
+        cli.write_json(args.json, result)
     return result
 
 

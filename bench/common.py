@@ -1,14 +1,12 @@
 """Helpers shared by the benchmark scripts: random-but-real weights, FLOP counting, memory, machine facts, tables."""
 from __future__ import annotations
 
-import json
 import os
 import platform
 import resource
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +70,37 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def setup_device(name: str, threads: int | None = None) -> torch.device:
+    """The benchmark's device (`cli.resolve_device`) with CPU threads set (`threads`, else `cli.set_cpu_threads`);
+    on CPU a note when the allocator setting every figure in bench/README.md used is missing."""
+    import cli
+
+    device = cli.resolve_device(name)
+    if threads:
+        torch.set_num_threads(threads)
+    else:
+        cli.set_cpu_threads()
+    if device.type == 'cpu':
+        warn_allocator()
+    return device
+
+
+@torch.no_grad()
+def forward_seconds(forward: Callable[[], Any], device: torch.device, warmup: int, iters: int) -> tuple[list[float], Any]:
+    """Wall seconds of `iters` (at least 1) calls of forward() after `warmup` untimed ones, each fenced by a device
+    synchronisation; returns (times, the last output)."""
+    for _ in range(warmup):
+        forward()
+    times = []
+    for _ in range(max(1, iters)):
+        synchronize(device)
+        start = time.perf_counter()
+        out = forward()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times, out
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {
         'device': str(device),
@@ -109,16 +138,6 @@ def warn_allocator() -> None:
               file=sys.stderr)
 
 
-@contextmanager
-def timed() -> Iterator[dict[str, float]]:
-    out = {'seconds': 0.0}
-    start = time.perf_counter()
-    try:
-        yield out
-    finally:
-        out['seconds'] = time.perf_counter() - start
-
-
 def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
     """Plain-text table. columns: (key, header, format spec); missing values print as '-'."""
     cells = [[h for _, h, _ in columns]]
@@ -128,9 +147,3 @@ def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]
     lines = ['  '.join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
     lines.insert(1, '  '.join('-' * w for w in widths))
     return '\n'.join(lines)
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, default=str) + '\n')
