@@ -355,10 +355,13 @@ def write_outputs(
     from video_io import VideoWriter, save_image_atomic
 
     timer = timer or StageTimer()
-    audio = source.audio() if hasattr(source, 'audio') else None
-    if audio is not None and abs(fps - source.fps) > 1e-3:
-        log(f'note: the videos are written at {fps:g} fps, not the source rate {source.fps:g}: they carry no sound')
-        audio = None
+    audio = None
+    if getattr(source, 'is_video', False) and source.fps:
+        if abs(fps - source.fps) > 1e-3:
+            log(f'note: the videos are written at {fps:g} fps, not the source rate {source.fps:g}: they carry no sound '
+                'from the source')
+        else:
+            audio = source.audio()  # decoded once for every video written
     feather_sigma = feather if blend == 'feather' else 0.0
     masks = enc.masks[:, 0].numpy()
     crops_u8 = enc.crops.numpy()

@@ -280,9 +280,10 @@ def dominant_hz(samples: np.ndarray, rate: int) -> float:
 def test_sound_follows_the_selected_frames(sample_video_dir: Path, test_videos_dir: Path, tmp_path: Path) -> None:
     video = video_with_sound(sample_video_dir, tmp_path / 'talk.mp4')
     src = FrameSource(video, start=3, max_num=5)  # frames 3..7: 0.12 s to 0.32 s, all after the tone switch
-    clip = src.audio()
-    assert clip is not None and clip.path == video
-    assert clip.start == pytest.approx(0.12, abs=1e-6) and clip.duration == pytest.approx(0.2, abs=1e-6)
+    clip = src.audio()  # decoded once: 0.2 s from 0.12 s, the 1000 Hz part only
+    assert clip is not None and clip.rate == 48000 and clip.layout == 'stereo'
+    assert clip.samples.shape == (2, round(0.2 * 48000)) and clip.duration == pytest.approx(0.2, abs=1e-6)
+    assert dominant_hz(clip.samples[0], clip.rate) == pytest.approx(1000, abs=30)
     out = write_video(tmp_path / 'out.mp4', list(src), src.rate, audio=clip)
     samples, rate = decoded_sound(out)
     assert rate == 48000 and 0.2 * rate <= len(samples) <= 0.2 * rate + 2048  # AAC pads to whole 1024-sample frames
