@@ -107,6 +107,7 @@ class EditRun:
     fps: float
     timer: StageTimer
     run_config: dict[str, Any]
+    cache: Cache
 
 
 def load_ema_model(args: argparse.Namespace) -> tuple[Path, Any, Any, dict]:
@@ -140,9 +141,13 @@ def start_run(args: argparse.Namespace, out_root_default: str) -> EditRun:
         source = FrameSource(args.video_path, start=args.start, end=args.end, max_num=args.max_num)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f'cannot read --video_path: {e}') from None
-    if args.aligned and source.size[0] != source.size[1]:
-        raise SystemExit(f'--aligned expects square face crops, but {args.video_path} has {source.size[0]}x'
-                         f'{source.size[1]} frames; drop --aligned to detect and align the face')
+    if args.aligned:
+        from faces import full_frame_quad
+
+        try:  # before the model loads: aligned crops must be square
+            full_frame_quad(*source.size)
+        except ValueError as e:
+            raise SystemExit(f'--video_path {args.video_path}: {e}') from None
     ckpt, model, cfg, _ = load_ema_model(args)
     cli.set_cpu_threads()
     from editing.speed import auto_batch_size, micro_batch_size, optimize_for_inference
@@ -159,15 +164,14 @@ def start_run(args: argparse.Namespace, out_root_default: str) -> EditRun:
     fps = args.fps or (source.fps if source.is_video and source.fps else 20.0)
     run_config = {'command': cli.command_line(), 'args': vars(args), 'checkpoint': str(ckpt),
                   'dva_config_name': cfg.name, 'device': str(device), 'batch_size': batch_size}
-    return EditRun(rt, source, out_root, fps, StageTimer(), run_config)
+    return EditRun(rt, source, out_root, fps, StageTimer(), run_config, Cache(None if args.no_cache else args.cache_dir))
 
 
 def encode(args: argparse.Namespace, run: EditRun) -> EncodedVideo:
     from faces import DlibDetector, NoFaceError
 
-    cache = Cache(None if args.no_cache else args.cache_dir)
     try:
-        return encode_video(run.source, run.rt, lambda: DlibDetector(pretrained_dir=args.pretrained_dir), cache,
+        return encode_video(run.source, run.rt, lambda: DlibDetector(pretrained_dir=args.pretrained_dir), run.cache,
                             args.center_sigma, args.xy_sigma, run.timer, aligned_input=args.aligned)
     except NoFaceError as e:
         raise SystemExit(f'{args.video_path}: {e}. Is there a frontal face in the video?') from None
@@ -178,7 +182,7 @@ def encode(args: argparse.Namespace, run: EditRun) -> EncodedVideo:
 def finish(args: argparse.Namespace, run: EditRun, enc: EncodedVideo, edits: list[tuple[str, Any, dict]]) -> dict:
     """Render every (folder name, edited identity [1,512], settings) edit from the cached x_T, plus the
     reconstruction with --save_recon, then write all outputs in one pass over the frames and print the summary."""
-    cache = Cache(None if args.no_cache else args.cache_dir)
+    cache = run.cache
     results, rendered = [], []
     for name, identity, settings in edits:
         with run.timer('render'):

@@ -66,3 +66,17 @@ def sample_video_dir() -> Path:
 def test_videos_dir() -> Path:
     """sample_24f_540p.mp4 (24 frames, 25 fps, 960x540) and carphone.mp4 (176x144, 120 frames, 29.97 fps)."""
     return _require(SHARED / 'test_videos', 'test videos')
+
+
+def centre_crops(frames_dir: Path, dest: Path, n: int, size: int) -> Path:
+    """The central squares of the first n sample frames (where the face is), resized to `size`, as dest/<stem>.png:
+    stand-ins for aligned face crops."""
+    from PIL import Image
+
+    dest.mkdir(parents=True)
+    for p in sorted(frames_dir.glob('*.jpeg'))[:n]:
+        with Image.open(p) as im:
+            img = im.convert('RGB')
+        left = (img.width - img.height) // 2
+        img.crop((left, 0, left + img.height, img.height)).resize((size, size), Image.LANCZOS).save(dest / f'{p.stem}.png')
+    return dest

@@ -117,17 +117,11 @@ def aligned_frames(dest: Path, n: int = 4) -> Path:
     src = os.environ.get('DVA_ALIGNED_FRAMES')
     if src:
         return Path(src)
-    from conftest import SHARED
+    from conftest import SHARED, centre_crops
 
-    dest.mkdir()
-    frames = sorted((SHARED / 'sample_video').glob('*.jpeg'))[:n]
-    if not frames:
+    if not any((SHARED / 'sample_video').glob('*.jpeg')):
         pytest.skip('no aligned frames: set DVA_ALIGNED_FRAMES or provide ../shared/sample_video')
-    for p in frames:
-        img = Image.open(p).convert('RGB')
-        left = (img.width - img.height) // 2
-        img.crop((left, 0, left + img.height, img.height)).resize((64, 64), Image.LANCZOS).save(dest / f'{p.stem}.png')
-    return dest
+    return centre_crops(SHARED / 'sample_video', dest, n, 64)
 
 
 def test_classifier_edit_on_gpu_bf16_with_auto_batch_matches_cpu(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import centre_crops
 import editing_classifier
 import editing_CLIP
 import templates
@@ -228,12 +229,7 @@ def test_blanked_face_is_interpolated_and_non_images_ignored(weights, sample_vid
 
 def test_aligned_crops_skip_detection_and_replace_the_face_region(weights, sample_video_dir, tmp_path):
     """--aligned: square face crops in, no dlib; the edit is pasted into the whole crop inside the face mask."""
-    video = tmp_path / 'crops_in'
-    video.mkdir()
-    for p in sorted(sample_video_dir.glob('*.jpeg'))[:N_FRAMES]:  # the face sits in the middle of the 1080p frames
-        img = Image.open(p).convert('RGB')
-        left = (img.width - img.height) // 2
-        img.crop((left, 0, left + img.height, img.height)).resize((48, 48), Image.LANCZOS).save(video / f'{p.stem}.png')
+    video = centre_crops(sample_video_dir, tmp_path / 'crops_in', N_FRAMES, 48)
     out, cache = tmp_path / 'out', tmp_path / 'cache'
     summary = editing_classifier.main(cls_args(weights, out, cache, video, '--aligned', '--attribute', 'Smiling',
                                                '--scale', '0.5', '--pretrained_dir', str(tmp_path / 'no_dlib_here')))
