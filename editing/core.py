@@ -43,19 +43,16 @@ def conditioned_eps(model: nn.Module, z_face: Tensor, precision: str = 'fp32', m
     return eps_fn
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def _progress(total: int, desc: str, enabled: bool, unit: str = 'frame'):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit='frame', disable=not enabled)
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True)
 
 
 def _step_progress(frames: int, steps: int, desc: str, enabled: bool):
     """A bar over every network step of every frame, so that a long DDIM loop shows its rate and ETA from its first
     step on (a bar per batch stays at 0 for hours on a CPU)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=frames * steps, desc=f'{desc} ({frames} frames x {steps} steps)', unit='step',
-                disable=not enabled, dynamic_ncols=True)
+    return _progress(frames * steps, f'{desc} ({frames} frames x {steps} steps)', enabled, 'step')
 
 
 @torch.no_grad()

@@ -356,7 +356,7 @@ def write_outputs(
 
     timer = timer or StageTimer()
     audio = None
-    if getattr(source, 'is_video', False) and source.fps:
+    if source.is_video and source.fps:
         if abs(fps - source.fps) > 1e-3:
             log(f'note: the videos are written at {fps:g} fps, not the source rate {source.fps:g}: they carry no sound '
                 'from the source')
