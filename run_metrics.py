@@ -137,9 +137,7 @@ def reconstruct(rt: Any, crops: Tensor) -> Tensor:
 
     id_feats, lnd = core.encode_frames(rt.model, crops, rt.batch_size, rt.device, rt.progress)
     z = core.z_faces(rt.model, core.average_identity(id_feats), lnd, rt.device)
-    x_T = core.invert(rt.model, crops, z, rt.schedule, rt.batch_size, rt.device, rt.precision, rt.progress)
-    return core.render(rt.model, x_T, z, rt.schedule, rt.batch_size, rt.device, rt.precision, rt.progress,
-                       'reconstruct')
+    return rt.render(rt.invert(crops, z), z, 'reconstruct')
 
 
 @torch.no_grad()
@@ -190,6 +188,7 @@ def run_recon(args: argparse.Namespace) -> dict[str, Any]:
     from dataset import list_videos
     from editing.pipeline import Runtime, check_T
     from editing.runner import load_ema_model
+    from editing.speed import micro_batch_size
     from metrics import MS_SSIM_WEIGHTS
 
     check_T(args.T)
@@ -210,7 +209,8 @@ def run_recon(args: argparse.Namespace) -> dict[str, Any]:
     out = _prepare_out(args.out, args.overwrite)
     cli.set_cpu_threads()
     progress = not args.quiet
-    rt = Runtime(model.to(device), ckpt, device, args.T, args.batch_size, args.precision, progress=progress)
+    rt = Runtime(model.to(device), ckpt, device, args.T, args.batch_size, args.precision, progress=progress,
+                 micro_batch=micro_batch_size(device, cfg.unet.image_size))  # as the editing scripts run it
     if lpips is not None:
         lpips.to(device)
     S = cfg.unet.image_size

@@ -76,6 +76,18 @@ class Runtime:
     def image_size(self) -> int:
         return self.model.cfg.unet.image_size
 
+    def invert(self, crops: Tensor, z_face: Tensor, on_batch: Callable[[slice, Tensor], None] | None = None) -> Tensor:
+        """`core.invert` with this runtime's schedule, batching, device, precision and micro-batching."""
+        return core.invert(self.model, crops, z_face, self.schedule, self.batch_size, self.device, self.precision,
+                           self.progress, self.micro_batch, on_batch)
+
+    def render(self, x_T: Tensor, z_face: Tensor, desc: str = 'render',
+               on_batch: Callable[[slice, Tensor], None] | None = None) -> Tensor:
+        """`core.render` with this runtime's settings, its decoder included."""
+        return core.render(self.model, x_T, z_face, self.schedule, self.batch_size, self.device, self.precision,
+                           self.progress, desc, self.micro_batch, self.decoder, self.decoder_steps,
+                           self.decoder_spacing, on_batch)
+
 
 def check_T(T: int, num_timesteps: int = 1000) -> int:
     """Validate --T up front (before any heavy work); SystemExit with the nearest valid values otherwise."""
@@ -147,8 +159,7 @@ def encode_crops(rt: Runtime, crops: Tensor, timer: StageTimer | None = None, pa
     with timer('invert'):
         x_T = resumable_batches(
             partial, crops.shape, 'the inversion', log,
-            lambda todo, on_batch: core.invert(rt.model, crops[todo], z_avg[todo], rt.schedule, rt.batch_size,
-                                               rt.device, rt.precision, rt.progress, rt.micro_batch, on_batch))
+            lambda todo, on_batch: rt.invert(crops[todo], z_avg[todo], on_batch))
     return {'id_feats': id_feats, 'lnd_feats': lnd, 'masks': masks, 'x_T': x_T}
 
 
@@ -280,9 +291,7 @@ def render_identity(rt: Runtime, enc: EncodedVideo, id_feat: Tensor, desc: str =
     partial = cache.partial_dir('render', render_key(rt, enc, id_feat)) if cache is not None and enc.key else None
     return resumable_batches(
         partial, enc.x_T.shape, desc, log,
-        lambda todo, on_batch: core.render(rt.model, enc.x_T[todo], z[todo], rt.schedule, rt.batch_size, rt.device,
-                                           rt.precision, rt.progress, desc, rt.micro_batch, rt.decoder,
-                                           rt.decoder_steps, rt.decoder_spacing, on_batch))
+        lambda todo, on_batch: rt.render(enc.x_T[todo], z[todo], desc, on_batch))
 
 
 def render_key(rt: Runtime, enc: EncodedVideo, id_feat: Tensor) -> str:
