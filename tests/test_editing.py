@@ -14,7 +14,6 @@ from conftest import centre_crops
 import editing_classifier
 import editing_CLIP
 import templates
-from model.autoencoder import DiffusionVideoAutoencoder
 from video_io import read_video_info
 
 N_FRAMES = 3
@@ -22,25 +21,12 @@ N_FRAMES = 3
 
 @pytest.fixture(scope='module')
 def weights(tmp_path_factory) -> dict[str, Path]:
-    """A tiny DVA checkpoint and a classifier checkpoint, both in the released layouts, with random weights."""
-    root = tmp_path_factory.mktemp('weights')
-    torch.manual_seed(0)
-    model = DiffusionVideoAutoencoder(templates.tiny())
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # zero-initialised output layers would make every render equal its x_T
-        for name, p in model.named_parameters():
-            if not p.any():
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-    sd = model.state_dict()
-    ckpt = root / 'last.ckpt'
-    torch.save({'state_dict': {**{f'model.{k}': v for k, v in sd.items()}, **{f'ema_model.{k}': v for k, v in sd.items()}},
-                'global_step': 0, 'epoch': 0}, ckpt)
-    w = torch.randn(40, 512, generator=gen)
-    cls = root / 'cls.ckpt'
-    torch.save({'state_dict': {'conds_mean': torch.randn(1, 512, generator=gen) * 0.01, 'conds_std': torch.rand(1, 512, generator=gen) + 0.5,
-                               'classifier.weight': w, 'classifier.bias': torch.zeros(40), 'ema_classifier.weight': w,
-                               'ema_classifier.bias': torch.zeros(40)}, 'global_step': 1}, cls)
-    return {'ckpt': ckpt, 'cls': cls}
+    """A tiny DVA checkpoint and a classifier checkpoint, both in the released layouts, with random weights (the
+    zero-initialised output layers re-initialised, else every render would equal its x_T)."""
+    from bench.bench_edit import write_random_checkpoints
+
+    dva, cls, _ = write_random_checkpoints(templates.tiny(), tmp_path_factory.mktemp('weights'), seed=0)
+    return {'ckpt': dva, 'cls': cls}
 
 
 def frames_folder(sample_video_dir: Path, dest: Path, n: int = N_FRAMES) -> Path:
