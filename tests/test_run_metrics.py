@@ -45,30 +45,23 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope='module')
-def tiny_model():
-    """The tiny DVA with random weights; zero-initialised parameters (output convs, norms' biases) get a small seeded
-    perturbation so that renders depend on the input."""
-    from model.autoencoder import DiffusionVideoAutoencoder
+def tiny_written(tmp_path_factory):
+    """The tiny DVA with random weights (zero-initialised layers re-initialised, so that renders depend on the
+    input), saved in the released Lightning layout: (checkpoint path, the model)."""
+    from bench.bench_edit import write_random_checkpoints
 
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = DiffusionVideoAutoencoder(templates.tiny())
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.numel() and not p.any():
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model.eval()
+    dva, _, model = write_random_checkpoints(templates.tiny(), tmp_path_factory.mktemp('ckpt'), seed=0)
+    return dva, model
 
 
 @pytest.fixture(scope='module')
-def tiny_ckpt(tiny_model, tmp_path_factory) -> Path:
-    """Saved in the released Lightning layout (model.* and ema_model.* sharing storage, so written once)."""
-    sd = tiny_model.state_dict()
-    path = tmp_path_factory.mktemp('ckpt') / 'last.ckpt'
-    state = {prefix + k: v for prefix in ('model.', 'ema_model.') for k, v in sd.items()}
-    torch.save({'state_dict': state, 'global_step': 0}, path)
-    return path
+def tiny_model(tiny_written):
+    return tiny_written[1]
+
+
+@pytest.fixture(scope='module')
+def tiny_ckpt(tiny_written) -> Path:
+    return tiny_written[0]
 
 
 @pytest.fixture(scope='module')
