@@ -10,11 +10,12 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: `--help` and torch-free callers (prepare_data workers) stay fast
+    import torch
 
-PRECISIONS = ('fp32', 'fp16', 'bf16')
+PRECISIONS = ('fp32', 'fp16', 'bf16', 'fp64')
 
 
 def add_device_args(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +28,8 @@ def add_device_args(parser: argparse.ArgumentParser) -> None:
 
 def resolve_device(spec: str = 'auto') -> torch.device:
     """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> torch.device, with a clear error when CUDA is asked for but absent."""
+    import torch
+
     spec = (spec or 'auto').lower()
     if spec == 'auto':
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
@@ -46,28 +49,36 @@ def resolve_device(spec: str = 'auto') -> torch.device:
 
 def autocast(device: torch.device, precision: str = 'fp32') -> contextlib.AbstractContextManager:
     """Autocast for the network call only: fp16/bf16 on CUDA, a no-op for fp32 and on CPU."""
+    import torch
+
     if precision not in PRECISIONS:
         raise ValueError(f'precision {precision!r} is not one of {PRECISIONS}')
-    if precision == 'fp32' or device.type != 'cuda':
+    if precision in ('fp32', 'fp64') or device.type != 'cuda':
         return contextlib.nullcontext()
     return torch.autocast('cuda', dtype=torch.float16 if precision == 'fp16' else torch.bfloat16)
 
 
 def set_cpu_threads(num: int | None = None) -> None:
     """Use every physical core for intra-op work unless OMP_NUM_THREADS is set by the user."""
+    import torch
+
     if 'OMP_NUM_THREADS' not in os.environ:
         torch.set_num_threads(num or os.cpu_count() or 1)
 
 
 def software_versions() -> dict[str, str]:
-    out = {'python': platform.python_version(), 'torch': torch.__version__, 'platform': platform.platform()}
-    for mod in ('torchvision', 'numpy', 'PIL', 'lightning', 'av', 'dlib', 'open_clip'):
+    """Versions of Python, the platform and the project's libraries that are installed (for config snapshots).
+    Read from the package metadata, so nothing is imported: torch-free callers stay torch-free."""
+    from importlib import metadata
+
+    out = {'python': platform.python_version(), 'platform': platform.platform()}
+    for dist in ('torch', 'torchvision', 'numpy', 'pillow', 'lightning', 'av', 'dlib-bin', 'open_clip_torch'):
         try:
-            m = __import__(mod)
-            out[mod] = getattr(m, '__version__', getattr(m, 'DLIB_VERSION', '?'))
-        except Exception:  # noqa: BLE001 - optional dependency
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
             continue
-    if torch.cuda.is_available():
+    torch = sys.modules.get('torch')
+    if torch is not None and torch.cuda.is_available():
         out['cuda'] = str(torch.version.cuda)
         out['gpu'] = torch.cuda.get_device_name()
     return out
@@ -84,12 +95,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results get the user's usual mode
     try:
         yield Path(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
@@ -99,6 +117,8 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    import torch
+
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
     return Path(path)
