@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
@@ -150,6 +152,105 @@ class ClsConfig:
         _check_choice('precision', self.precision, ('32', '16-mixed', 'bf16-mixed'))
 
 
+@dataclass(frozen=True)
+class EditConfig:
+    """Every setting of an edit run (both editors' flags, same names). The scripts parse flags into it, the editing
+    API (`editing.Editor`) reads it, and every output's config.json stores it (`--config` repeats a run from there).
+
+    Invalid values raise ValueError naming the flag, before any work: non-finite numbers, impossible ranges, T not an
+    integer stride of the diffusion length, duplicate edits.
+    """
+
+    # input
+    video_path: str = ''
+    start: int = 0
+    end: int | None = None
+    max_num: int | None = None
+    aligned: bool = False  # the frames already are aligned square face crops: no detection
+    max_upsample: int = 2  # dlib retries a faceless frame at upsampling 1..max_upsample before calling it faceless
+    faceless: Literal['keep', 'edit'] = 'keep'  # frames without a face: left unedited, or edited at interpolated quads
+    # model and sampling
+    checkpoint: str | None = None
+    template: str = 'diffusion_video_autoencoder'
+    pretrained_dir: str = 'pretrained_models'
+    trust_checkpoint: bool = False
+    device: str = 'auto'
+    precision: Literal['fp32', 'fp16', 'bf16', 'fp64'] = 'fp32'
+    T: int = 100
+    batch_size: int | Literal['auto'] = 4
+    channels_last: bool = True
+    compile: bool = False
+    decoder: Literal['ddim', 'dpm++2m'] = 'ddim'
+    decoder_steps: int | None = None
+    decoder_spacing: Literal['time', 'logsnr'] = 'time'
+    # alignment
+    center_sigma: float = 1.0
+    xy_sigma: float = 3.0
+    # output
+    out: str | None = None
+    overwrite: bool = False
+    fps: float | None = None
+    blend: Literal['hard', 'feather'] = 'hard'
+    feather: float = 3.0
+    save_frames: bool = True
+    save_recon: bool = False
+    edit_norm: Literal['source', 'unit'] = 'source'
+    cache_dir: str | None = None  # None: $DVA_CACHE or ~/.cache/dva
+    no_cache: bool = False
+    quiet: bool = False
+    # the edit: classifier attributes, or the name of a CLIP edit (attribute[0])
+    attribute: tuple[str, ...] = ('Mustache',)
+    scale: tuple[float, ...] = (0.3,)
+    cls_checkpoint: str = 'checkpoints/diffusion_video_autoencoder_cls/last.ckpt'
+    normalize: bool = True
+    # CLIP direction search
+    src_txt: str = 'face'
+    trg_txt: str = 'face with beard'
+    lr: float = 0.002
+    clip_loss_w: float = 3.0
+    id_loss_w: float = 5.0
+    l1_loss_w: float = 5.0
+    n_train_step: int = 5
+    n_iter: int = 2000
+    early_stop: int | None = None
+    early_stop_tol: float = 1e-4
+    clip_frame: int = 0
+    clip_weights: str | None = None
+    clip_fp16: bool = False
+    direction: str | None = None
+    random_clip: Literal['tiny', 'vit'] | None = None  # tests only: a random CLIP instead of the weights file
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            for x in (v if isinstance(v, tuple) else (v,)):
+                if isinstance(x, float) and not math.isfinite(x):
+                    raise ValueError(f'--{f.name} {x} is not a finite number')
+        for name, low in (('start', 0), ('end', 1), ('max_num', 1), ('T', 1), ('decoder_steps', 1), ('n_iter', 1),
+                          ('n_train_step', 2), ('early_stop', 1), ('clip_frame', 0), ('max_upsample', 0)):
+            v = getattr(self, name)
+            if v is not None and v < low:
+                raise ValueError(f'--{name} must be at least {low}, got {v}')
+        if self.end is not None and self.end <= self.start:
+            raise ValueError(f'--end ({self.end}) must be greater than --start ({self.start})')
+        if self.batch_size != 'auto' and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise ValueError(f'--batch_size must be a positive integer or auto, got {self.batch_size!r}')
+        if self.decoder_steps is not None and self.decoder_steps > self.T:
+            raise ValueError(f'--decoder_steps must be between 1 and --T ({self.T})')
+        for name in ('center_sigma', 'xy_sigma', 'feather', 'lr', 'early_stop_tol', 'clip_loss_w', 'id_loss_w',
+                     'l1_loss_w'):
+            if getattr(self, name) < 0:
+                raise ValueError(f'--{name} must not be negative')
+        if self.fps is not None and self.fps <= 0:
+            raise ValueError(f'--fps must be positive, got {self.fps}')
+        for name in ('attribute', 'scale'):
+            seen = [x for i, x in enumerate(getattr(self, name)) if x in getattr(self, name)[:i]]
+            if seen:
+                raise ValueError(f'--{name} lists {seen[0]!r} twice')
+        if not self.attribute or not self.scale:
+            raise ValueError('--attribute and --scale need at least one value each')
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Serialisation and overrides
 
@@ -161,6 +262,18 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):  # e.g. int | None, int | Literal['auto']
+        errors = []
+        for option in typing.get_args(tp):
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(option, value, where)
+            except (TypeError, ValueError) as e:
+                errors.append(str(e))
+        raise TypeError(f'{where}: {value!r} fits none of {tp} ({"; ".join(errors)})')
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise TypeError(f'{where}: expected a mapping, got {value!r}')

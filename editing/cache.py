@@ -1,8 +1,8 @@
 """A content-addressed on-disk cache for the expensive, edit-independent work on a video.
 
-Entries are folders `<root>/<kind>-<key>/` holding `data.pt` (tensors, loadable with weights_only=True) and
-`meta.json`. An entry is written to a temporary folder and renamed into place, so a killed run never leaves an
-entry that looks complete. Keys hash everything the content depends on: the frame bytes, the frame selection,
+Entries are folders `<root>/<kind>-<key>/` of .npy arrays (`Arrays`, read and written chunk by chunk) and
+`meta.json`. An entry is filled in `partial-<kind>-<key>/`, which also holds the progress of an interrupted run,
+and renamed into place when complete, so a killed run never leaves an entry that looks complete. Keys hash everything the content depends on: the frame bytes, the frame selection,
 the alignment settings, the checkpoint and the number of DDIM steps.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
 DEFAULT_CACHE = Path(os.environ.get('DVA_CACHE', Path.home() / '.cache' / 'dva'))
 
@@ -44,66 +44,150 @@ def make_key(**parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
+class Arrays:
+    """A folder of .npy arrays, filled and read chunk by chunk.
+
+    Each access maps the file, copies the chunk and unmaps it again, so a long video's crops, masks and x_T live on
+    disk, never in RAM nor in the process's resident set. Progress marks (`done` / `mark`) make filling resumable:
+    a chunk is marked only after its values are flushed to disk.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+
+    def _path(self, name: str) -> Path:
+        return self.folder / f'{name}.npy'
+
+    def __contains__(self, name: str) -> bool:
+        return self._path(name).is_file()
+
+    def create(self, name: str, shape: tuple[int, ...], dtype: Any) -> None:
+        """An array of zeros on disk; kept as it is when one of that shape and dtype exists (resuming)."""
+        if name in self:
+            with contextlib.suppress(ValueError, OSError):
+                a = np.load(self._path(name), mmap_mode='r')
+                if a.shape == tuple(shape) and a.dtype == np.dtype(dtype):
+                    return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        a = np.lib.format.open_memmap(self._path(name), mode='w+', dtype=dtype, shape=tuple(shape))
+        a.flush()
+        del a
+        with open(self._path(name), 'r+b') as f:  # reserve the space now: a full disk fails here, not with SIGBUS later
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+
+    def put(self, name: str, value: np.ndarray) -> None:
+        """A whole (small) array, written atomically."""
+        from cli import atomic_path
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self._path(name)) as tmp, open(tmp, 'wb') as f:
+            np.save(f, np.ascontiguousarray(value))
+
+    def write(self, name: str, index: slice | np.ndarray, value: np.ndarray) -> None:
+        a = np.load(self._path(name), mmap_mode='r+')
+        a[index] = value
+        a.flush()
+        del a
+
+    def read(self, name: str, index: slice | np.ndarray | None = None) -> np.ndarray:
+        a = np.load(self._path(name), mmap_mode='r')
+        out = np.array(a if index is None else a[index])
+        del a
+        return out
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        a = np.load(self._path(name), mmap_mode='r')
+        return a.shape
+
+    def done(self, stage: str, n: int) -> np.ndarray:
+        """bool [n]: which items of `stage` are finished (all False when nothing was marked yet)."""
+        if f'{stage}.done' not in self:
+            self.create(f'{stage}.done', (n,), bool)
+        return self.read(f'{stage}.done')
+
+    def mark(self, stage: str, index: slice | np.ndarray) -> None:
+        self.write(f'{stage}.done', index, True)
+
+
+class Entry:
+    """One cache entry: a folder of `Arrays`. Filled in `partial-<kind>-<key>/` (which holds the progress of an
+    interrupted run) and renamed to `<kind>-<key>/` by `commit`, so only complete entries look complete."""
+
+    def __init__(self, cache: Cache, kind: str, key: str) -> None:
+        self.cache, self.kind, self.key = cache, kind, key
+        final = cache.folder / f'{kind}-{key}'
+        self.complete = (final / 'meta.json').is_file()
+        self.arrays = Arrays(final if self.complete else cache.folder / f'partial-{kind}-{key}')
+
+    @property
+    def resumed(self) -> bool:
+        return not self.complete and self.arrays.folder.is_dir()
+
+    def commit(self, meta: dict[str, Any]) -> None:
+        """Mark complete: meta.json, progress marks dropped, folder renamed (best-effort: a failing rename leaves
+        the complete entry in place under its partial name for this run)."""
+        from cli import write_json
+
+        folder = self.arrays.folder
+        for f in folder.glob('*.done.npy'):
+            f.unlink()
+        write_json(folder / 'meta.json', meta)
+        final = self.cache.folder / f'{self.kind}-{self.key}'
+        try:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(folder, final)
+            self.arrays = Arrays(final)
+        except OSError as e:
+            self.cache.warn(e)
+        self.complete = True
+
+    def drop(self) -> None:
+        shutil.rmtree(self.arrays.folder, ignore_errors=True)
+
+
 class Cache:
+    """Entries keyed by content (`make_key`) under `root`. Without a root (`--no_cache`), or when the root cannot be
+    written (full disk, read-only mount: a warning, and the run goes on), entries live in a scratch folder that
+    `close` removes: the streamed pipeline always works from disk, so memory never grows with video length."""
+
     def __init__(self, root: str | os.PathLike | None = DEFAULT_CACHE) -> None:
         self.root = Path(root) if root is not None else None
+        self._scratch: Path | None = None
+        if self.root is not None:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                probe = Path(tempfile.mkdtemp(prefix='.probe-', dir=self.root))
+                probe.rmdir()
+            except OSError as e:
+                self.warn(e)
+                self.root = None
 
     @property
     def enabled(self) -> bool:
         return self.root is not None
 
-    def _dir(self, kind: str, key: str) -> Path:
-        return self.root / f'{kind}-{key}'
+    @property
+    def folder(self) -> Path:
+        if self.root is not None:
+            return self.root
+        if self._scratch is None:
+            self._scratch = Path(tempfile.mkdtemp(prefix='dva-scratch-'))
+        return self._scratch
 
-    def get(self, kind: str, key: str) -> dict[str, Any] | None:
-        """The stored tensors of an entry, or None when absent (or the cache is disabled, or the entry is unreadable)."""
-        if not self.enabled:
-            return None
-        path = self._dir(kind, key) / 'data.pt'
-        if not path.is_file():
-            return None
-        try:
-            # memory-mapped: a long video's x_T is paged in from the file as frames are rendered, not held in RAM
-            return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-        except Exception:  # noqa: BLE001 - a damaged entry is recomputed, never trusted
-            return None
-
-    def put(self, kind: str, key: str, data: dict[str, Any], meta: dict[str, Any]) -> Path | None:
-        """Store an entry; returns its folder, or None when the cache is disabled or cannot be written (a full disk,
-        a read-only folder: the run goes on without caching, with a warning, rather than losing its work)."""
-        if not self.enabled:
-            return None
-        final = self._dir(kind, key)
-        tmp = None
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f'.{kind}-', dir=self.root))
-            torch.save(data, tmp / 'data.pt')
-            (tmp / 'meta.json').write_text(json.dumps(meta, indent=2, default=str))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except OSError as e:
-            self.warn(e)
-            return None
-        finally:
-            if tmp is not None and tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        return final
+    def entry(self, kind: str, key: str) -> Entry:
+        return Entry(self, kind, key)
 
     def warn(self, error: OSError) -> None:
         warnings.warn(f'cannot write the cache in {self.root} ({error}); going on without it. Free some space, or '
                       'pass --cache_dir DIR (or --no_cache)', stacklevel=3)
+        self.root = None
 
-    def partial_dir(self, kind: str, key: str) -> Path | None:
-        """A folder for the pieces of an unfinished entry (e.g. the batches of an interrupted inversion), or None
-        when the cache is disabled. `drop_partial` removes it once the whole entry is stored."""
-        return None if not self.enabled else self.root / f'partial-{kind}-{key}'
-
-    def drop_partial(self, kind: str, key: str) -> None:
-        path = self.partial_dir(kind, key)
-        if path is not None and path.exists():
-            shutil.rmtree(path, ignore_errors=True)
+    def close(self) -> None:
+        """Remove the scratch folder (entries of a run without a cache)."""
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
 
 
 # --------------------------------------------------------------------------------------------------------------------

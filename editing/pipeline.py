@@ -1,39 +1,32 @@
-"""The editing pipeline shared by editing_classifier.py and editing_CLIP.py.
+"""The streamed stages of a video edit. Each reads its inputs from disk and writes its outputs to disk chunk by chunk
+(`editing.cache.Arrays`), so memory stays flat with video length, and each resumes after an interruption from the
+chunks already marked done.
 
-    frames -> align (dlib, FFHQ quad, temporal smoothing) -> crops -> encode (identity averaged over the video,
-    landmarks and face mask per frame) -> DDIM-invert every frame ONCE (cached) -> for each edit: move the identity,
-    render with DDIM -> blend inside the face mask -> paste back into the full frames -> PNGs + out.mp4 + side-by-side.
-
-Alignment and inversion are cached on disk keyed by the frame bytes, the selection, the alignment settings, the
-checkpoint and T, so a second edit of the same video costs one DDIM render per frame (T network calls). While the
-inversion or a render runs, every finished batch is saved (`resumable_batches`, `Cache.partial_dir`), so an
-interrupted run resumes where it stopped.
+    align:  decode -> detect (dlib, FFHQ quad) -> temporal smoothing -> quads; decode again -> crops [N,S,S,3] uint8
+    encode: crops -> identity [N,512], landmarks [N,2K], face masks [N,1,S,S]; identity averaged over the frames that
+            show a face; DDIM inversion of every frame -> x_T [N,3,S,S]
+    render: x_T + (identity, each frame's landmarks) -> DDIM render -> [N,S,S,3] uint8
+    write:  decode again -> blend in the face mask -> paste back -> frames/*.png, blend/*.png, out.mp4, side_by_side.mp4
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
-import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from cli import software_versions, torch_save, write_json
-from diffusion import NoiseSchedule, space_timesteps
 from editing import core
-from editing.cache import Cache, file_stamp, hash_files, make_key
+from editing.cache import Arrays
 
-EditNorm = Literal['unit', 'source']
-FRAME_RAM_BUDGET = 2 << 30  # decoded frames are kept between stages when they fit in this many bytes
+CHUNK = 16  # frames per read/write chunk of the streamed stages (crops, masks, x_T of 16 frames: ~13 MB at 256 px)
 
 
 class StageTimer:
@@ -51,278 +44,152 @@ class StageTimer:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-@dataclass
-class Runtime:
-    """What every stage needs: the EMA model, where and how to run it, and the DDIM schedule for --T."""
+def progress_bar(total: int, desc: str, enabled: bool, unit: str = 'frame'):
+    """A tqdm bar, one at a time (never nested, so log files get no cursor movements); Gradio's `track_tqdm` shows
+    the same bars in the demo. Away from a terminal it prints at most every 10 s."""
+    import sys
 
-    model: torch.nn.Module
-    checkpoint: Path
-    device: torch.device
-    T: int
-    batch_size: int = 4
-    precision: str = 'fp32'
-    progress: bool = True
-    micro_batch: int | None = None  # network slice size inside a batch (CPU: 1, see editing.speed.micro_batch_size)
-    decoder: Literal['ddim', 'dpm++2m'] = 'ddim'  # renderer from x_T; the inversion is always DDIM
-    decoder_steps: int | None = None  # network calls of the dpm++2m decoder (None: T)
-    decoder_spacing: Literal['time', 'logsnr'] = 'time'
-    schedule: NoiseSchedule = field(init=False)
+    from tqdm.auto import tqdm
 
-    def __post_init__(self) -> None:
-        self.schedule = NoiseSchedule.linear(self.model.cfg.diffusion.num_timesteps, self.model.cfg.diffusion.beta_start,
-                                             self.model.cfg.diffusion.beta_end).respace(self.T)
-
-    @property
-    def image_size(self) -> int:
-        return self.model.cfg.unet.image_size
-
-    def invert(self, crops: Tensor, z_face: Tensor, on_batch: Callable[[slice, Tensor], None] | None = None) -> Tensor:
-        """`core.invert` with this runtime's schedule, batching, device, precision and micro-batching."""
-        return core.invert(self.model, crops, z_face, self.schedule, self.batch_size, self.device, self.precision,
-                           self.progress, self.micro_batch, on_batch)
-
-    def render(self, x_T: Tensor, z_face: Tensor, desc: str = 'render',
-               on_batch: Callable[[slice, Tensor], None] | None = None) -> Tensor:
-        """`core.render` with this runtime's settings, its decoder included."""
-        return core.render(self.model, x_T, z_face, self.schedule, self.batch_size, self.device, self.precision,
-                           self.progress, desc, self.micro_batch, self.decoder, self.decoder_steps,
-                           self.decoder_spacing, on_batch)
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True,
+                mininterval=0.1 if sys.stderr.isatty() else 10)
 
 
-def check_T(T: int, num_timesteps: int = 1000) -> int:
-    """Validate --T up front (before any heavy work); SystemExit with the nearest valid values otherwise."""
-    try:
-        space_timesteps(num_timesteps, T)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-    return T
+def _todo(arrays: Arrays, stage: str, n: int, log: Callable[[str], None], what: str) -> np.ndarray:
+    done = arrays.done(stage, n)
+    if done.any() and not done.all():
+        log(f'resuming {what}: {int(done.sum())} of {n} frames were done before')
+    return np.flatnonzero(~done)
 
 
-@dataclass
-class EncodedVideo:
-    """Everything an edit needs, computed once per (video, checkpoint, T).
-
-    crops: [N,S,S,3] uint8 aligned crops; quads: [N,4,2] frame-pixel quads; id_feats [N,512]; lnd_feats [N,2K];
-    masks: [N,1,S,S] face masks (video background classes); x_T: [N,3,S,S] DDIM inversions conditioned on the
-    averaged identity; missing: frames where no face was found (quads interpolated).
-    """
-
-    names: list[str]
-    quads: np.ndarray
-    missing: list[int]
-    crops: Tensor
-    id_feats: Tensor
-    lnd_feats: Tensor
-    masks: Tensor
-    x_T: Tensor
-    cache_hits: dict[str, bool] = field(default_factory=dict)
-    frames: list[np.ndarray] | None = None  # decoded frames, kept when they fit in FRAME_RAM_BUDGET
-    key: str | None = None  # cache key of the inversion (names the partial renders of this video)
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    @property
-    def avg_id(self) -> Tensor:
-        return core.average_identity(self.id_feats)
-
-    def crops_float(self) -> Tensor:
-        """[N,3,S,S] in [-1,1]."""
-        return crops_to_float(self.crops)
-
-
-def crops_to_float(crops: Tensor) -> Tensor:
-    return crops.permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
-def to_uint8(x: Tensor) -> Tensor:
-    """[N,3,S,S] in [-1,1] -> [N,S,S,3] uint8."""
-    return (core.to_unit(x).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+def _runs(todo: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    """Consecutive pieces of at most `size` indices of `todo`."""
+    for i in range(0, len(todo), size):
+        yield todo[i:i + size]
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Encoding
+# align
 
 
-def encode_crops(rt: Runtime, crops: Tensor, timer: StageTimer | None = None, partial: Path | None = None,
-                 log: Callable[[str], None] = print) -> dict[str, Tensor]:
-    """Identity, landmarks, masks and the DDIM inversion of crops [N,3,S,S] in [-1,1] (the released conventions:
-    the inversion is conditioned on the UN-normalised average identity with each frame's landmarks).
+def align(source, detector_factory: Callable[[], Callable] | None, arrays: Arrays, size: int,
+          center_sigma: float = 1.0, xy_sigma: float = 3.0, progress: bool = True,
+          log: Callable[[str], None] = print) -> None:
+    """quads [N,4,2], missing [M] and crops [N,size,size,3] uint8 of a `video_io.FrameSource` into `arrays`.
 
-    partial: a folder where every inverted batch is saved as it completes (`resumable_batches`); frames found there
-    are not inverted again, so an interrupted inversion resumes where it stopped (any batch size)."""
-    timer = timer or StageTimer()
-    with timer('encode'):
-        id_feats, lnd = core.encode_frames(rt.model, crops, rt.batch_size, rt.device, rt.progress)
-        masks = core.face_masks(rt.model, crops, rt.batch_size, rt.device, 'video')
-        z_avg = core.z_faces(rt.model, core.average_identity(id_feats), lnd, rt.device)
-    with timer('invert'):
-        x_T = resumable_batches(
-            partial, crops.shape, 'the inversion', log,
-            lambda todo, on_batch: rt.invert(crops[todo], z_avg[todo], on_batch))
-    return {'id_feats': id_feats, 'lnd_feats': lnd, 'masks': masks, 'x_T': x_T}
-
-
-def resumable_batches(partial: Path | None, shape: torch.Size, what: str, log: Callable[[str], None],
-                      compute: Callable[[Tensor, Callable[[slice, Tensor], None] | None], Tensor]) -> Tensor:
-    """A per-frame result of `shape` [N,...] computed batch by batch with every batch saved in `partial` as it
-    completes ({'index', 'out'} files), so that an interrupted computation resumes where it stopped (with any batch
-    size). compute(todo, on_batch) returns the results of the frames `todo` and calls on_batch(sl, out[sl]) after
-    each batch, sl indexing `todo`. Without `partial` nothing is saved; when saving fails (full disk, read-only
-    folder) the computation goes on unsaved, with a warning."""
-    out, done = torch.zeros(shape), torch.zeros(shape[0], dtype=torch.bool)
-    for f in sorted(partial.glob('*.pt')) if partial is not None and partial.is_dir() else []:
-        try:
-            piece = torch.load(f, map_location='cpu', weights_only=True)
-            index, value = piece['index'], piece['out']
-            if value.shape[1:] != shape[1:] or len(index) != len(value) or int(index.max()) >= shape[0]:
-                continue
-        except Exception:  # noqa: BLE001 - a damaged piece is recomputed, never trusted
-            continue
-        out[index], done[index] = value, True
-    todo = torch.nonzero(~done).flatten()
-    if done.any():
-        log(f'resuming {what}: {int(done.sum())} of {shape[0]} frames were done before ({partial})')
-
-    failed: list[OSError] = []
-
-    def save(sl: slice, value: Tensor) -> None:
-        if failed:
-            return
-        try:
-            partial.mkdir(parents=True, exist_ok=True)
-            torch_save({'index': todo[sl].clone(), 'out': value}, partial / f'{int(todo[sl][0]):07d}-{os.getpid()}.pt')
-        except OSError as e:
-            failed.append(e)
-            warnings.warn(f'cannot save the finished batches of {what} in {partial} ({e}); an interruption will '
-                          'start it over', stacklevel=2)
-
-    if len(todo):
-        out[todo] = compute(todo, save if partial is not None else None)
-    return out
-
-
-def source_fingerprint(source) -> str:
-    files = source.files if not source.is_video else [source.path]
-    return make_key(content=hash_files(files), names=list(source.names))
-
-
-def encode_video(
-    source,
-    rt: Runtime,
-    detector_factory: Callable[[], Callable],
-    cache: Cache,
-    center_sigma: float = 1.0,
-    xy_sigma: float = 3.0,
-    timer: StageTimer | None = None,
-    log: Callable[[str], None] = print,
-    aligned_input: bool = False,
-) -> EncodedVideo:
-    """Align, crop, encode and invert a `video_io.FrameSource`, reusing cached results where they exist.
-
-    With `aligned_input` the frames already are aligned square face crops (FFHQ-style): no detection, every quad is
-    the whole frame (`faces.full_frame_quad`), and the crops are the frames resampled to the model's size."""
+    detector_factory None: the frames already are aligned square crops (every quad is the whole frame, crops are the
+    frames resampled straight to `size`). Else the dlib face track of `faces.align_video` (frames without a face get
+    interpolated quads and are listed in `missing`)."""
     from faces import align_video, crop_face, full_frame_quad
 
-    timer = timer or StageTimer()
-    S = rt.image_size
-    vkey = source_fingerprint(source)
-    akey = make_key(video=vkey, center_sigma=center_sigma, xy_sigma=xy_sigma, size=S,
-                    detector='aligned' if aligned_input else 'dlib68')
-    hits: dict[str, bool] = {}
-    frames = None
-    aligned = cache.get('align', akey)
-    hits['align'] = aligned is not None
-    if aligned is None:
-        with timer('decode'):
-            w, h = source.size
-            keep = len(source) * w * h * 3 <= FRAME_RAM_BUDGET
-            frames = list(source) if keep else None
-        with timer('align'):
-            if aligned_input:
-                quads, missing = np.repeat(full_frame_quad(w, h)[None], len(source), axis=0), []
-            else:
-                alignment = align_video(frames if frames is not None else source, detector_factory(), center_sigma,
-                                        xy_sigma, progress=rt.progress)
-                quads, missing = alignment.quads, alignment.missing
-        with timer('crop'):
-            it = frames if frames is not None else iter(source)
-            size = S if aligned_input else 1024  # aligned frames: one resampling straight to S (exact when already S)
-            crops = torch.from_numpy(np.stack([np.asarray(crop_face(f, q, size, S)) for f, q in zip(it, quads)]))
-        aligned = {'quads': torch.from_numpy(quads), 'missing': torch.tensor(missing, dtype=torch.long), 'crops': crops}
-        cache.put('align', akey, aligned, {'source': str(source.path), 'frames': len(source)})
-    missing = aligned['missing'].tolist()
-    if missing:
-        names = [source.names[i] for i in missing]
-        log(f'no face found in {len(missing)} frame(s), quads interpolated from neighbours: {", ".join(names[:20])}'
-            + (' ...' if len(names) > 20 else ''))
-    ekey = make_key(align=akey, checkpoint=file_stamp(rt.checkpoint), T=rt.T, precision=rt.precision)
-    encoded = cache.get('encode', ekey)
-    hits['invert'] = encoded is not None
-    if encoded is None:
-        encoded = encode_crops(rt, crops_to_float(aligned['crops']), timer, cache.partial_dir('encode', ekey), log)
-        if cache.put('encode', ekey, encoded, {'source': str(source.path), 'checkpoint': str(rt.checkpoint),
-                                               'T': rt.T}) is not None:
-            encoded = cache.get('encode', ekey) or encoded  # memory-mapped from now on: RAM goes to the renders
-        cache.drop_partial('encode', ekey)
-    return EncodedVideo(names=list(source.names), quads=aligned['quads'].numpy(), missing=missing,
-                        crops=aligned['crops'], cache_hits=hits, frames=frames, key=ekey, **encoded)
+    if 'quads' not in arrays:
+        if detector_factory is None:
+            quads, missing = np.repeat(full_frame_quad(*source.size)[None], len(source), axis=0), []
+        else:
+            alignment = align_video(source, detector_factory(), center_sigma, xy_sigma, progress=progress,
+                                    keep_landmarks=False)
+            quads, missing = alignment.quads, alignment.missing
+        arrays.put('missing', np.asarray(missing, dtype=np.int64))
+        arrays.put('quads', quads)
+    quads = arrays.read('quads')
+    arrays.create('crops', (len(source), size, size, 3), np.uint8)
+    todo = set(_todo(arrays, 'crops', len(source), log, 'the crops').tolist())
+    first = size if detector_factory is None else 1024  # aligned frames: one resampling straight to `size`
+    chunk: list[tuple[int, np.ndarray]] = []
+
+    def flush() -> None:
+        index = np.array([i for i, _ in chunk])
+        arrays.write('crops', index, np.stack([c for _, c in chunk]))
+        arrays.mark('crops', index)
+        chunk.clear()
+
+    if todo:
+        with progress_bar(len(todo), 'crop', progress) as bar:
+            for i, frame in enumerate(source):
+                if i in todo:
+                    chunk.append((i, np.asarray(crop_face(frame, quads[i], first, size))))
+                    bar.update()
+                    if len(chunk) == CHUNK:
+                        flush()
+            if chunk:
+                flush()
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Identities and rendering
+# encode
 
 
-def finish_identity(edited_unit: Tensor, avg_id: Tensor, mode: EditNorm) -> Tensor:
-    """'unit': the released L2-normalised edit. 'source': rescaled to the norm of the averaged identity, so that
-    scale 0 gives back exactly the identity the video was inverted with (the reconstruction)."""
-    if mode == 'unit':
-        return edited_unit
-    return edited_unit * avg_id.norm(dim=1, keepdim=True)
+def encode(sampler: core.Sampler, crops: Arrays, arrays: Arrays, missing: np.ndarray, batch_size: int,
+           progress: bool = True, log: Callable[[str], None] = print) -> None:
+    """id_feats [N,512], lnd_feats [N,2K], masks [N,1,S,S] (uint8 0/1) and x_T [N,3,S,S] into `arrays`.
+
+    The inversion is conditioned, as released, on the UN-normalised average identity with each frame's landmarks;
+    the average skips the frames without a face (`missing`), whose features describe no face."""
+    model, dtype = sampler.model, sampler.dtype
+    n, S = crops.shape('crops')[:2]
+    arrays.create('id_feats', (n, model.encoder.cfg.id_dim), np.dtype(str(dtype).removeprefix('torch.')))
+    arrays.create('lnd_feats', (n, 2 * model.encoder.cfg.n_landmarks), np.dtype(str(dtype).removeprefix('torch.')))
+    arrays.create('masks', (n, 1, S, S), np.uint8)
+    todo = _todo(arrays, 'features', n, log, 'the encoding')
+    with progress_bar(len(todo), 'encode', progress) as bar:
+        for index in _runs(todo, batch_size):
+            x = core.crops_to_float(torch.from_numpy(crops.read('crops', index)), dtype).to(sampler.device)
+            ids, lnds = core.identity_features(model, x)
+            arrays.write('id_feats', index, ids.to(dtype).cpu().numpy())
+            arrays.write('lnd_feats', index, lnds.to(dtype).cpu().numpy())
+            arrays.write('masks', index, core.face_masks(model, x, 'video').cpu().numpy().astype(np.uint8))
+            arrays.mark('features', index)
+            bar.update(len(index))
+    id_feats = torch.from_numpy(arrays.read('id_feats'))
+    z = core.z_faces(model, core.average_identity(id_feats[faces_shown(n, missing)]),
+                     torch.from_numpy(arrays.read('lnd_feats'))).to(dtype).cpu()
+    arrays.create('x_T', (n, 3, S, S), np.dtype(str(dtype).removeprefix('torch.')))
+    todo = _todo(arrays, 'x_T', n, log, 'the inversion')
+    with progress_bar(len(todo) * (sampler.T - 1), f'invert ({len(todo)} frames x {sampler.T - 1} steps)', progress,
+                      'step') as bar:
+        for index in _runs(todo, batch_size):
+            x = core.crops_to_float(torch.from_numpy(crops.read('crops', index)), dtype)
+            arrays.write('x_T', index, sampler.invert(x, z[index], bar.update).numpy())
+            arrays.mark('x_T', index)
 
 
-def render_identity(rt: Runtime, enc: EncodedVideo, id_feat: Tensor, desc: str = 'render', cache: Cache | None = None,
-                    log: Callable[[str], None] = print) -> Tensor:
-    """DDIM render of every frame from its x_T with identity id_feat [1,512] and the frame's own landmarks.
-
-    With a `cache` (and `enc.key`), finished batches are saved while rendering, so an interrupted render resumes;
-    the caller drops them (`Cache.drop_partial('render', render_key(...))`) once the outputs are written."""
-    z = core.z_faces(rt.model, id_feat, enc.lnd_feats, rt.device)
-    partial = cache.partial_dir('render', render_key(rt, enc, id_feat)) if cache is not None and enc.key else None
-    return resumable_batches(
-        partial, enc.x_T.shape, desc, log,
-        lambda todo, on_batch: rt.render(enc.x_T[todo], z[todo], desc, on_batch))
-
-
-def render_key(rt: Runtime, enc: EncodedVideo, id_feat: Tensor) -> str:
-    """What a render depends on beyond the inversion: the identity and the decoder."""
-    identity = hashlib.sha256(id_feat.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
-    return make_key(encode=enc.key, identity=identity, decoder=rt.decoder, steps=rt.decoder_steps,
-                    spacing=rt.decoder_spacing)
+def faces_shown(n: int, missing: np.ndarray) -> np.ndarray:
+    """bool [n]: the frames where a face was found (all of them when no frame has one: aligned input)."""
+    keep = np.ones(n, bool)
+    keep[np.asarray(missing, dtype=np.int64)] = False
+    return keep if keep.any() else np.ones(n, bool)
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Output
+# render
 
 
-@dataclass
-class EditResult:
-    """One edit to write: its folder, the rendered crops as uint8 [N,S,S,3] (`to_uint8` of the render: a quarter of
-    the float memory, which adds up with several edits of a long video) and what describes it."""
+def render(sampler: core.Sampler, encoded: Arrays, identity: Tensor, arrays: Arrays, batch_size: int,
+           desc: str = 'render', progress: bool = True, log: Callable[[str], None] = print,
+           keep_float: bool = False) -> None:
+    """'render' [N,S,S,3] uint8 into `arrays`: every frame rendered from its x_T with `identity` [1,512] and its own
+    landmarks (and 'render_float' [N,3,S,S] in [-1,1] in the loop dtype with keep_float, for exact checks)."""
+    n, _, S, _ = encoded.shape('x_T')
+    z = core.z_faces(sampler.model, identity, torch.from_numpy(encoded.read('lnd_feats'))).to(sampler.dtype).cpu()
+    arrays.create('render', (n, S, S, 3), np.uint8)
+    if keep_float:
+        arrays.create('render_float', (n, 3, S, S), np.dtype(str(sampler.dtype).removeprefix('torch.')))
+    todo = _todo(arrays, 'render', n, log, desc)
+    steps = sampler.render_steps
+    with progress_bar(len(todo) * steps, f'{desc} ({len(todo)} frames x {steps} steps)', progress, 'step') as bar:
+        for index in _runs(todo, batch_size):
+            x0 = sampler.render(torch.from_numpy(encoded.read('x_T', index)), z[index], bar.update)
+            arrays.write('render', index, core.to_uint8(x0).numpy())
+            if keep_float:
+                arrays.write('render_float', index, x0.numpy())
+            arrays.mark('render', index)
 
-    name: str
-    out_dir: Path
-    render: Tensor
-    settings: dict[str, Any]
+
+# --------------------------------------------------------------------------------------------------------------------
+# write
 
 
-def edit_dir_ready(path: Path, overwrite: bool) -> None:
-    """Refuse to replace an existing result silently."""
-    if path.exists() and not overwrite:
-        raise SystemExit(f'{path} already exists; pass --overwrite to replace it or choose another --out')
-
-
-def _side_by_side(panels: list[np.ndarray], height: int = 512) -> np.ndarray:
+def side_by_side(panels: list[np.ndarray], height: int = 512) -> np.ndarray:
     from PIL import Image
 
     h = min(height, panels[0].shape[0])
@@ -333,65 +200,35 @@ def _side_by_side(panels: list[np.ndarray], height: int = 512) -> np.ndarray:
     return np.concatenate(out, axis=1)
 
 
-def write_outputs(
-    source,
-    enc: EncodedVideo,
-    results: list[EditResult],
-    out_root: Path,
-    fps: float,
-    blend: Literal['hard', 'feather'] = 'hard',
-    feather: float = 3.0,
-    recon: Tensor | None = None,  # uint8 [N,S,S,3] like EditResult.render
-    overwrite: bool = False,
-    timer: StageTimer | None = None,
-    progress: bool = True,
-    run_config: dict[str, Any] | None = None,
-    log: Callable[[str], None] = print,
-    save_frames: bool = True,
-) -> list[Path]:
-    """Blend, paste back and write every edit in ONE pass over the frames.
+def write(source, names: list[str], crops: Arrays, encoded: Arrays, edits: list[tuple[Path, Arrays]],
+          out_root: Path, fps: float, audio=None, blend: str = 'hard', feather: float = 3.0,
+          recon: Arrays | None = None, edit_frames: np.ndarray | None = None, save_frames: bool = True,
+          timer: StageTimer | None = None, progress: bool = True) -> None:
+    """Blend, paste back and write every edit in ONE streamed pass over the source frames.
 
-    Per edit folder: frames/<name>.png (full frames), blend/<name>.png (the crop composite, released
-    `paste_avg_mani`), out.mp4 at `fps`, side_by_side.mp4 (original | reconstruction if any | edit) and config.json.
-    The videos carry the source's sound (cut to the selected frames) when the source is a video file with audio and
-    `fps` is its frame rate. Without `save_frames` the full frames are only in the videos (no frames/ folder).
-    Each folder is written as `<folder>.partial` and renamed when complete. The aligned crops go to
-    `<out_root>/crops/` and, when given, the reconstruction to `<out_root>/recon/`.
-    """
-    from tqdm.auto import tqdm
-
+    edits: (staging folder, arrays holding 'render') per edit. Per folder: frames/<name>.png (full frames; only
+    with save_frames), blend/<name>.png (the crop composite, released `paste_avg_mani`), out.mp4 and
+    side_by_side.mp4 (original | reconstruction if any | edit) at `fps` with `audio`. The crops go to
+    <out_root>/crops/, the reconstruction's frames to <out_root>/recon/. edit_frames (bool [N]): the frames that get
+    the edit; the others stay as they are (frames without a face)."""
     from faces import paste_back
     from video_io import VideoWriter, save_image_atomic
 
     timer = timer or StageTimer()
-    audio = None
-    if source.is_video and source.fps:
-        if abs(fps - source.fps) > 1e-3:
-            log(f'note: the videos are written at {fps:g} fps, not the source rate {source.fps:g}: they carry no sound '
-                'from the source')
-        else:
-            audio = source.audio()  # decoded once for every video written
-    feather_sigma = feather if blend == 'feather' else 0.0
-    masks = enc.masks[:, 0].numpy()
-    crops_u8 = enc.crops.numpy()
-    crop_dir = out_root / 'crops'
-    crop_dir.mkdir(parents=True, exist_ok=True)
-    staged = []
-    for r in results:
-        edit_dir_ready(r.out_dir, overwrite)
-        tmp = r.out_dir.with_name(r.out_dir.name + '.partial')
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        (tmp / 'blend').mkdir(parents=True)
-        if save_frames:
-            (tmp / 'frames').mkdir()
-        renders = r.render.numpy()
-        staged.append((r, tmp, renders, VideoWriter(tmp / 'out.mp4', fps, audio=audio),
-                       VideoWriter(tmp / 'side_by_side.mp4', fps, audio=audio)))
-    recon_u8 = recon.numpy() if recon is not None else None
-    if recon_u8 is not None:
+    n = len(names)
+    edit_frames = np.ones(n, bool) if edit_frames is None else edit_frames
+    sigma = feather if blend == 'feather' else 0.0
+    quads = crops.read('quads')
+    (out_root / 'crops').mkdir(parents=True, exist_ok=True)
+    if recon is not None:
         (out_root / 'recon').mkdir(exist_ok=True)
-    frames = iter(enc.frames if enc.frames is not None else source)
+    writers = []
+    for folder, _ in edits:
+        (folder / 'blend').mkdir(parents=True, exist_ok=True)
+        if save_frames:
+            (folder / 'frames').mkdir(exist_ok=True)
+        writers.append((VideoWriter(folder / 'out.mp4', fps, audio=audio),
+                        VideoWriter(folder / 'side_by_side.mp4', fps, audio=audio)))
     # PNG encoding (zlib releases the GIL) runs in threads beside the pasting and the video encoders
     pool, pending = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)), deque()
 
@@ -400,71 +237,67 @@ def write_outputs(
         while len(pending) > 32:  # bounded: at most 32 frames wait in memory
             pending.popleft().result()
 
+    frames = iter(source)
     try:
-        for i in tqdm(range(len(enc)), desc='paste back', unit='frame', disable=not progress):
-            name = enc.names[i]
-            with timer('decode'):
-                frame = next(frames)
-            with timer('paste'):
-                recon_frame = None if recon_u8 is None else \
-                    paste_back(frame, recon_u8[i], enc.quads[i], masks[i], feather_sigma)
-                outs = [paste_back(frame, renders[i], enc.quads[i], masks[i], feather_sigma)
-                        for _, _, renders, _, _ in staged]
-                crop = crops_to_float(enc.crops[i:i + 1])  # per frame: long videos never hold all crops as floats
-                blends = [to_uint8(core.blend(crops_to_float(r.render[i:i + 1]), crop, enc.masks[i:i + 1]) * 2 - 1)
-                          [0].numpy() for r, *_ in staged]
-            with timer('write'):
-                save(crop_dir / f'{name}.png', crops_u8[i])
-                if recon_frame is not None:
-                    save(out_root / 'recon' / f'{name}.png', recon_frame)
-                for out, blend_crop, (r, tmp, _, writer, sbs) in zip(outs, blends, staged):
-                    if save_frames:
-                        save(tmp / 'frames' / f'{name}.png', out)
-                    save(tmp / 'blend' / f'{name}.png', blend_crop)
-                    writer.write(out)
-                    sbs.write(_side_by_side([frame] + ([recon_frame] if recon_frame is not None else []) + [out]))
+        with progress_bar(n, 'paste back', progress) as bar:
+            for lo in range(0, n, CHUNK):
+                sl = slice(lo, min(n, lo + CHUNK))
+                crop_u8, masks = crops.read('crops', sl), encoded.read('masks', sl)
+                renders = [a.read('render', sl) for _, a in edits]
+                recon_u8 = recon.read('render', sl) if recon is not None else None
+                for j, i in enumerate(range(sl.start, sl.stop)):
+                    with timer('decode'):
+                        frame = next(frames)
+                    with timer('paste'):
+                        m = masks[j, 0].astype(np.float32)
+                        paste = (lambda r: paste_back(frame, r, quads[i], m, sigma)) if edit_frames[i] else \
+                            (lambda r: frame)
+                        recon_frame = paste(recon_u8[j]) if recon_u8 is not None else None
+                        outs = [paste(r[j]) for r in renders]
+                        src = torch.from_numpy(crop_u8[j:j + 1])
+                        blends = [core.to_uint8(core.blend(core.crops_to_float(torch.from_numpy(r[j:j + 1])),
+                                                           core.crops_to_float(src), torch.from_numpy(m[None, None])
+                                                           ) * 2 - 1)[0].numpy() if edit_frames[i] else crop_u8[j]
+                                  for r in renders]
+                    with timer('write'):
+                        save(out_root / 'crops' / f'{names[i]}.png', crop_u8[j])
+                        if recon_frame is not None:
+                            save(out_root / 'recon' / f'{names[i]}.png', recon_frame)
+                        for out, blended, (folder, _), (writer, sbs) in zip(outs, blends, edits, writers):
+                            if save_frames:
+                                save(folder / 'frames' / f'{names[i]}.png', out)
+                            save(folder / 'blend' / f'{names[i]}.png', blended)
+                            writer.write(out)
+                            sbs.write(side_by_side([frame] + ([recon_frame] if recon_frame is not None else [])
+                                                   + [out]))
+                    bar.update()
         with timer('write'):
             while pending:
                 pending.popleft().result()
+            for writer, sbs in writers:
+                writer.close()
+                sbs.close()
     except BaseException:
         for f in pending:
             f.cancel()
-        pool.shutdown(wait=True)
-        for _, tmp, _, writer, sbs in staged:
+        for writer, sbs in writers:
             writer.abort()
             sbs.abort()
         raise
-    pool.shutdown(wait=True)
-    written = []
-    for r, tmp, _, writer, sbs in staged:
-        with timer('write'):
-            writer.close()
-            sbs.close()
-        write_json(tmp / 'config.json', {**(run_config or {}), **r.settings, 'edit': r.name,
-                                         'frames': len(enc), 'fps': fps, 'blend': blend,
-                                         'feather': feather_sigma, 'software': software_versions()})
-        if r.out_dir.exists():
-            shutil.rmtree(r.out_dir)
-        os.replace(tmp, r.out_dir)
-        written.append(r.out_dir)
-    return written
+    finally:
+        pool.shutdown(wait=True)
 
 
-def print_summary(enc: EncodedVideo, timer: StageTimer, outputs: list[Path], out_root: Path,
-                  log: Callable[[str], None] = print) -> dict[str, Any]:
-    summary = {
-        'frames': len(enc),
-        'faces_missing': [enc.names[i] for i in enc.missing],
-        'cache_hits': enc.cache_hits,
-        'seconds': {k: round(v, 3) for k, v in timer.seconds.items()},
-        'outputs': [str(p) for p in outputs],
-    }
-    write_json(out_root / 'summary.json', summary)
-    log(f'\nframes: {len(enc)}   faces missing (interpolated): {len(enc.missing)}'
-        + (f' ({", ".join(summary["faces_missing"][:10])})' if enc.missing else ''))
-    log('cache: ' + ', '.join(f'{k} {"hit" if v else "computed"}' for k, v in enc.cache_hits.items()))
-    log('time per stage: ' + ', '.join(f'{k} {v:.1f}s' for k, v in timer.seconds.items()))
-    for p in outputs:
-        log(f'wrote {p}/out.mp4')
-    log(f'summary: {out_root / "summary.json"}')
-    return summary
+def publish(staging: Path, final: Path) -> Path:
+    """Move a finished result folder into place (the caller checked --overwrite before any work)."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    return final
+
+
+def summary_of(names: list[str], missing: list[int], hits: dict[str, bool], timer: StageTimer,
+               outputs: list[Path], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {'frames': len(names), 'faces_missing': [names[i] for i in missing], 'cache_hits': hits,
+            'seconds': {k: round(v, 3) for k, v in timer.seconds.items()}, 'outputs': [str(p) for p in outputs],
+            **(extra or {})}

@@ -67,7 +67,7 @@ def test_classifier_edit_end_to_end_and_cache(weights, sample_video_dir, tmp_pat
     assert [p.stem for p in crops] == names and Image.open(crops[0]).size == (32, 32)
     cached = list(cache.glob('align-*'))
     assert len(cached) == 1
-    quads = torch.load(cached[0] / 'data.pt', weights_only=True)['quads'].numpy()
+    quads = np.load(cached[0] / 'quads.npy')
     for folder in ('Mustache_0.00', 'Mustache_0.50', 'Eyeglasses_0.00', 'Eyeglasses_0.50'):
         d = out / folder
         assert sorted(p.stem for p in (d / 'frames').glob('*.png')) == names
@@ -76,7 +76,7 @@ def test_classifier_edit_end_to_end_and_cache(weights, sample_video_dir, tmp_pat
         assert (n, round(fps), size) == (N_FRAMES, 20, (1920, 1080))
         assert read_video_info(d / 'side_by_side.mp4')[0] == N_FRAMES
         cfg = json.loads((d / 'config.json').read_text())
-        assert cfg['args']['T'] == 5 and 'torch' in cfg['software']
+        assert cfg['config']['T'] == 5 and 'torch' in cfg['software']
         for i, name in enumerate(names):
             edited = np.asarray(Image.open(d / 'frames' / f'{name}.png'))
             assert edited.shape == src[i].shape
@@ -118,23 +118,26 @@ def test_interrupted_inversion_resumes_from_the_saved_batches(weights, sample_vi
     args = ['--max_num', str(N_FRAMES), '--attribute', 'Smiling', '--scale', '0.4']  # batches of 2: frames 0-1, 2
     cache = tmp_path / 'cache'
     monkeypatch.setattr(core, 'ddim_invert', flaky)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as stop:
         editing_classifier.main(cls_args(weights, tmp_path / 'out', cache, sample_video_dir, *args))
-    assert not (tmp_path / 'out' / 'Smiling_0.40').exists() and not list(cache.glob('encode-*'))
-    assert len(list(cache.glob('partial-encode-*/*.pt'))) == 1
-    capsys.readouterr()
+    assert stop.value.code == 130
+    err = capsys.readouterr().err
+    assert 'interrupted: re-run the same command to resume (2 of 3 frames of the invert stage done)' in err
+    assert 'Traceback' not in err
+    assert not (tmp_path / 'out').exists() and not list(cache.glob('encode-*'))  # no empty result folder is left
+    assert np.load(next(cache.glob('partial-encode-*')) / 'x_T.done.npy').tolist() == [True, True, False]
     calls.clear()
     monkeypatch.setattr(core, 'ddim_invert', lambda *a, **kw: (calls.append(len(a[1])), real(*a, **kw))[1])
     summary = editing_classifier.main(cls_args(weights, tmp_path / 'out', cache, sample_video_dir, *args))
     assert calls == [1] and summary['cache_hits']['invert'] is False  # only frame 2 was inverted again
     assert 'resuming the inversion: 2 of 3 frames' in capsys.readouterr().out
-    assert not list(cache.glob('partial-*'))  # pieces are dropped once the whole inversion is cached
+    assert not list(cache.glob('partial-*'))  # progress is dropped once the whole inversion is cached
     # the result is the uninterrupted one
     clean = tmp_path / 'clean_cache'
     editing_classifier.main(cls_args(weights, tmp_path / 'out_clean', clean, sample_video_dir, *args))
-    resumed = torch.load(next(cache.glob('encode-*')) / 'data.pt', weights_only=True)['x_T']
-    fresh = torch.load(next(clean.glob('encode-*')) / 'data.pt', weights_only=True)['x_T']
-    torch.testing.assert_close(resumed, fresh, rtol=0, atol=1e-6)
+    resumed = np.load(next(cache.glob('encode-*')) / 'x_T.npy')
+    fresh = np.load(next(clean.glob('encode-*')) / 'x_T.npy')
+    np.testing.assert_allclose(resumed, fresh, rtol=0, atol=1e-6)
     # renders resume the same way: a new edit interrupted in its second batch re-renders only that batch
     render, calls = core.ddim_sample, []
 
@@ -146,14 +149,17 @@ def test_interrupted_inversion_resumes_from_the_saved_batches(weights, sample_vi
 
     bald = ['--max_num', str(N_FRAMES), '--attribute', 'Bald', '--scale', '0.4']
     monkeypatch.setattr(core, 'ddim_sample', flaky_render)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit):
         editing_classifier.main(cls_args(weights, tmp_path / 'out', cache, sample_video_dir, *bald))
-    assert len(list(cache.glob('partial-render-*/*.pt'))) == 1 and not (tmp_path / 'out' / 'Bald_0.40').exists()
+    assert len(list(cache.glob('partial-render-*'))) == 1 and not (tmp_path / 'out' / 'Bald_0.40').exists()
+    before = {p.name: p.read_bytes() for p in (tmp_path / 'out' / 'Smiling_0.40').rglob('*') if p.is_file()}
     calls.clear()
     monkeypatch.setattr(core, 'ddim_sample', lambda *a, **kw: (calls.append(len(a[1])), render(*a, **kw))[1])
     editing_classifier.main(cls_args(weights, tmp_path / 'out', cache, sample_video_dir, *bald))
     assert calls == [1] and 'resuming render Bald_0.40: 2 of 3 frames' in capsys.readouterr().out
     assert (tmp_path / 'out' / 'Bald_0.40' / 'out.mp4').is_file() and not list(cache.glob('partial-*'))
+    after = {p.name: p.read_bytes() for p in (tmp_path / 'out' / 'Smiling_0.40').rglob('*') if p.is_file()}
+    assert before == after  # an earlier result is untouched
 
 
 def test_video_file_input_keeps_source_rate(weights, test_videos_dir, tmp_path):
@@ -164,7 +170,7 @@ def test_video_file_input_keeps_source_rate(weights, test_videos_dir, tmp_path):
     n, fps, size = read_video_info(out / 'Bald_0.20' / 'out.mp4')
     assert (n, round(fps), size) == (2, 25, (960, 540))
     cfg = json.loads((out / 'Bald_0.20' / 'config.json').read_text())
-    assert cfg['batch_size'] == 4 and cfg['args']['decoder'] == 'dpm++2m'
+    assert cfg['batch_size'] == 4 and cfg['config']['decoder'] == 'dpm++2m'
     assert sorted(p.stem for p in (out / 'Bald_0.20' / 'frames').glob('*.png')) == ['000002', '000003']
 
 
@@ -211,6 +217,20 @@ def test_blanked_face_is_interpolated_and_non_images_ignored(weights, sample_vid
                                                '--attribute', 'Mustache', '--scale', '0.3'))
     assert summary['frames'] == N_FRAMES and summary['faces_missing'] == [middle.stem]
     assert json.loads((tmp_path / 'out' / 'summary.json').read_text())['faces_missing'] == [middle.stem]
+    # the faceless frame is left as it is (no face patch pasted onto it), the others are edited
+    black = np.asarray(Image.open(tmp_path / 'out' / 'Mustache_0.30' / 'frames' / f'{middle.stem}.png'))
+    assert not black.any()
+    # ... and its features do not count in the video identity
+    enc = next((tmp_path / 'cache').glob('encode-*'))
+    ids = np.load(enc / 'id_feats.npy')
+    from editing.api import EncodedVideo  # noqa: F401 - the identity rule is EncodedVideo.identity's
+    from editing import pipeline
+    assert pipeline.faces_shown(3, np.array([1])).tolist() == [True, False, True]
+    assert not np.allclose(ids[[0, 2]].mean(0), ids.mean(0))
+    # --faceless edit: the released behaviour, an edit pasted at the interpolated quad
+    editing_classifier.main(cls_args(weights, tmp_path / 'out2', tmp_path / 'cache', video, '--attribute', 'Mustache',
+                                     '--scale', '0.3', '--faceless', 'edit'))
+    assert np.asarray(Image.open(tmp_path / 'out2' / 'Mustache_0.30' / 'frames' / f'{middle.stem}.png')).any()
 
 
 def test_aligned_crops_skip_detection_and_replace_the_face_region(weights, sample_video_dir, tmp_path):
@@ -293,22 +313,22 @@ def test_bad_input_fails_clearly_and_writes_no_result(case, weights, sample_vide
     assert not (out / 'Mustache_0.30').exists()
 
 
-def test_progress_bars_count_every_network_step(capsys):
+def test_progress_bars_count_every_network_step(capsys, tmp_path):
     """The DDIM bars advance per step and frame (rate and ETA from the first step), not once per finished batch."""
-    from diffusion import NoiseSchedule
-    from editing import core
+    import templates
+    from editing import core, pipeline
+    from editing.cache import Arrays
+    from model.autoencoder import DiffusionVideoAutoencoder
 
-    class Zero(torch.nn.Module):
-        def forward(self, x, t, z):
-            return torch.zeros_like(x)
-
-    schedule, cpu = NoiseSchedule.linear().respace(5), torch.device('cpu')
-    x_T = core.invert(Zero(), torch.zeros(3, 3, 8, 8), torch.zeros(3, 512), schedule, 2, cpu, progress=True)
-    err = capsys.readouterr().err
-    assert '12/12' in err and 'invert (3 frames x 4 steps)' in err
-    core.render(Zero(), x_T, torch.zeros(3, 512), schedule, 2, cpu, progress=True, desc='render')
-    core.render(Zero(), x_T, torch.zeros(3, 512), schedule, 2, cpu, progress=True, desc='fast', decoder='dpm++2m',
-                decoder_steps=3)
+    model = DiffusionVideoAutoencoder(templates.tiny()).eval()
+    crops = Arrays(tmp_path / 'a')
+    crops.put('crops', np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8))
+    enc, out = Arrays(tmp_path / 'e'), Arrays(tmp_path / 'r')
+    pipeline.encode(core.Sampler(model, 5), crops, enc, np.array([], int), 2)
+    assert '12/12' in capsys.readouterr().err  # (names checked below)
+    pipeline.render(core.Sampler(model, 5), enc, torch.zeros(1, 512), out, 2, 'render')
+    pipeline.render(core.Sampler(model, 5, decoder='dpm++2m', decoder_steps=3), enc, torch.zeros(1, 512),
+                    Arrays(tmp_path / 'f'), 2, 'fast')
     err = capsys.readouterr().err
     assert '15/15' in err and 'render (3 frames x 5 steps)' in err
     assert '9/9' in err and 'fast (3 frames x 3 steps)' in err

@@ -1,0 +1,229 @@
+"""The editors' command line: flags <-> `config.EditConfig`, the checks made before any heavy work, and the way a
+run ends (one clear line for a user error or an interruption, never a traceback). Nothing below the scripts sees
+argparse. torch is not imported here, so `--help` is instant.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Callable
+
+from config import CELEBA_ATTRIBUTES, EditConfig, from_dict
+
+DEFAULTS = EditConfig()
+
+
+def _batch_size(text: str) -> int | str:
+    if text == 'auto':
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is neither a positive integer nor auto') from None
+    if value < 1:
+        raise argparse.ArgumentTypeError('--batch_size must be at least 1')
+    return value
+
+
+def parser(description: str, out_root: str, kind: str) -> argparse.ArgumentParser:
+    """Every flag of one editor (kind 'classifier' or 'clip'); the released flags keep their names and meanings.
+    Defaults are EditConfig's (shown once, by the formatter)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument('--config', default=None, help="repeat a run: an output's config.json (flags given here override)")
+    g = p.add_argument_group('input')
+    g.add_argument('--video_path', help='a frame folder (image files, natural sort; other files ignored) or a video '
+                                        'file (mp4, mov, avi, mkv, webm)')
+    g.add_argument('--max_num', type=int, help='edit at most this many frames (from --start)')
+    g.add_argument('--start', type=int, help='first frame index')
+    g.add_argument('--end', type=int, help='frame index to stop before (default: the last frame)')
+    g.add_argument('--aligned', action='store_true', default=None,
+                   help='the frames already are aligned square face crops (FFHQ-style): no face detection; the edit '
+                        'replaces the face region of each whole frame')
+    g.add_argument('--max_upsample', type=int, help='frames where dlib finds no face are searched again at upsampling '
+                                                    '1..N (faces down to ~20 px at 2) before they count as faceless')
+    g.add_argument('--faceless', choices=('keep', 'edit'),
+                   help='frames without a face: keep them unedited, or edit them at quads interpolated from the '
+                        'neighbouring frames (they never count in the video identity)')
+    g = p.add_argument_group('model')
+    g.add_argument('--T', type=int, help="DDIM steps for inversion and rendering (100: the paper's tables; the "
+                                         'released scripts default to 1000). Valid: step counts an integer stride of '
+                                         '1000 gives (5, 10, 20, 25, 50, 100, 200, 250, 500, 1000)')
+    g.add_argument('--batch_size', type=_batch_size,
+                   help='frames per network batch, or auto (CUDA: the largest batch that fits free memory; CPU: 4)')
+    g.add_argument('--channels_last', action=argparse.BooleanOptionalAction, default=None,
+                   help='NHWC memory format for the networks (faster convolutions on CUDA)')
+    g.add_argument('--compile', action='store_true', default=None, help='torch.compile the UNet')
+    g.add_argument('--decoder', choices=('ddim', 'dpm++2m'),
+                   help='renderer from x_T: ddim (released, T calls) or dpm++2m (DPM-Solver++, --decoder_steps calls)')
+    g.add_argument('--decoder_steps', type=int, help='network calls of the dpm++2m decoder (default T)')
+    g.add_argument('--decoder_spacing', choices=('time', 'logsnr'), help='time points of the dpm++2m decoder')
+    g.add_argument('--checkpoint', help='DVA checkpoint (default checkpoints/diffusion_video_autoencoder/'
+                                        'epoch=51-step=1000000.ckpt, else last.ckpt there)')
+    g.add_argument('--template', help='network preset of checkpoints that carry no config (the released ones): '
+                                      'diffusion_video_autoencoder, or tiny for tests')
+    g.add_argument('--pretrained_dir', help='folder with shape_predictor_68_face_landmarks.dat (and other released '
+                                            'files)')
+    g.add_argument('--trust_checkpoint', action='store_true', default=None,
+                   help='allow full unpickling of checkpoints that a weights-only load refuses')
+    g.add_argument('--device', help='auto (CUDA when available, else CPU), cpu, cuda or cuda:N')
+    g.add_argument('--precision', choices=('fp32', 'fp16', 'bf16', 'fp64'),
+                   help='fp32; fp16/bf16: autocast of the network on CUDA; fp64: the model and every loop in float64 '
+                        '(reproducibility checks, CPU or CUDA)')
+    g = p.add_argument_group('alignment')
+    g.add_argument('--center_sigma', type=float, help='temporal smoothing of the quad centre (frames)')
+    g.add_argument('--xy_sigma', type=float, help='temporal smoothing of the quad axes (frames)')
+    g = p.add_argument_group('output')
+    g.add_argument('--out', help=f'output folder (default {out_root}/<video name>)')
+    g.add_argument('--overwrite', action='store_true', default=None, help='replace existing results')
+    g.add_argument('--fps', type=float, help='frame rate of out.mp4 (default: the source rate for videos, 20 for '
+                                             'frame folders)')
+    g.add_argument('--blend', choices=('hard', 'feather'),
+                   help='hard: the released binary face mask (paper); feather: a Gaussian-softened mask edge')
+    g.add_argument('--feather', type=float, help='feather sigma in crop pixels (with --blend feather)')
+    g.add_argument('--save_frames', action=argparse.BooleanOptionalAction, default=None,
+                   help='write every edited full-resolution frame as PNG (frames/)')
+    g.add_argument('--save_recon', action='store_true', default=None,
+                   help='also render the unedited reconstruction (one more DDIM pass; shown in side_by_side.mp4)')
+    g.add_argument('--edit_norm', choices=('source', 'unit'),
+                   help="'unit': L2-normalise the edited identity as released; 'source': keep the norm of the "
+                        'averaged identity, so that scale 0 reproduces the reconstruction exactly')
+    g.add_argument('--cache_dir', help='cache of alignments and inversions (default $DVA_CACHE or ~/.cache/dva)')
+    g.add_argument('--no_cache', action='store_true', default=None, help='neither read nor write the cache')
+    g.add_argument('--quiet', action='store_true', default=None, help='no progress bars')
+    g = p.add_argument_group('edit')
+    if kind == 'classifier':
+        g.add_argument('--attribute', nargs='+', help='one or more of: ' + ', '.join(CELEBA_ATTRIBUTES))
+        g.add_argument('--scale', nargs='+', type=float, help='signed step(s) in units of sqrt(512) in normalised '
+                                                              'identity space; every attribute at every scale')
+        g.add_argument('--cls_checkpoint', help='attribute classifier checkpoint (released or from run_cls.py)')
+        g.add_argument('--normalize', action=argparse.BooleanOptionalAction, default=None,
+                       help='edit in z-normalised identity space as released')
+    else:
+        g.add_argument('--attribute', nargs=1, help='name of the edit (names the output folders and directions)')
+        g.add_argument('--src_txt', help='neutral text')
+        g.add_argument('--trg_txt', help='target text')
+        g.add_argument('--scale', nargs='+', type=float, help='multiplier(s) on the found direction')
+        g.add_argument('--lr', type=float, help='Adam learning rate on the identity')
+        g.add_argument('--clip_loss_w', type=float, help='weight of -log((2 - L_dir) / 2)')
+        g.add_argument('--id_loss_w', type=float, help='weight of 1 - cos(z, z0)')
+        g.add_argument('--l1_loss_w', type=float, help='weight of the masked L1 between trajectories')
+        g.add_argument('--n_train_step', type=int, help='DDIM steps of the optimisation trajectory')
+        g.add_argument('--n_iter', type=int, help='optimisation iterations (released: 2000, fixed)')
+        g.add_argument('--early_stop', type=int, metavar='PATIENCE',
+                       help='stop when the loss has not improved by --early_stop_tol for this many iterations')
+        g.add_argument('--early_stop_tol', type=float, help='relative improvement that counts')
+        g.add_argument('--clip_frame', type=int, help='index (in the selection) of the frame to optimise on')
+        g.add_argument('--clip_weights', help='OpenAI ViT-B/16 weights (default pretrained_models/ViT-B-16.pt)')
+        g.add_argument('--clip_fp16', action='store_true', default=None, help='fp16 CLIP weights on CUDA, as released')
+        g.add_argument('--direction', help='apply this saved direction instead of searching')
+        g.add_argument('--random_clip', choices=('tiny', 'vit'), help=argparse.SUPPRESS)  # tests only
+    kind_defaults = {'attribute': ['Mustache'], 'scale': [0.3]} if kind == 'classifier' else \
+        {'attribute': ['beards'], 'scale': [1.0], 'id_loss_w': 5.0, 'clip_weights': 'pretrained_models/ViT-B-16.pt'}
+    shown = {f.name: getattr(DEFAULTS, f.name) for f in fields(EditConfig)}
+    shown.update(kind_defaults)
+    for action in p._actions:  # the defaults shown in --help; the values themselves come from `to_config`
+        if action.dest in shown and action.help is not argparse.SUPPRESS:
+            action.help = (action.help or '') + f' (default: {shown[action.dest]})'
+    p.set_defaults(_kind_defaults=kind_defaults)
+    return p
+
+
+def to_config(args: argparse.Namespace) -> EditConfig:
+    """EditConfig from flags: EditConfig defaults < the editor's own defaults < --config file < flags given."""
+    data: dict[str, Any] = dict(args._kind_defaults)
+    if args.config:
+        try:
+            stored = json.loads(Path(args.config).read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f'--config {args.config}: cannot read it ({e})') from None
+        data.update(stored.get('config', stored))
+    names = {f.name for f in fields(EditConfig)}
+    data.update({k: v for k, v in vars(args).items() if k in names and v is not None})
+    data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names}
+    try:
+        cfg = from_dict(EditConfig, data)
+    except (TypeError, ValueError, KeyError) as e:
+        raise SystemExit(str(e).strip('"')) from None
+    if not cfg.video_path:
+        raise SystemExit('--video_path is required (a frame folder or a video file)')
+    from diffusion import space_timesteps
+
+    for flag, T in (('--T', cfg.T), ('--n_train_step', cfg.n_train_step)):
+        try:
+            space_timesteps(1000, T)
+        except ValueError as e:
+            raise SystemExit(f'{flag}: {e}') from None
+    return cfg
+
+
+def out_root(cfg: EditConfig, default_root: str) -> Path:
+    if cfg.out:
+        return Path(cfg.out)
+    p = Path(cfg.video_path)
+    return Path(default_root) / (p.stem if p.suffix else p.resolve().name)
+
+
+def preflight(cfg: EditConfig, out: Path, files: list[tuple[str, str | None]]) -> None:
+    """Check, before anything heavy, every file the run will need and that the output folder can be written;
+    SystemExit with one line naming the flag and the fix."""
+    from editing.api import resolve_checkpoint
+
+    if not Path(cfg.video_path).exists():
+        raise SystemExit(f'--video_path {cfg.video_path}: not found')
+    needed = [('--checkpoint', str(resolve_checkpoint(cfg.checkpoint)))] + files
+    for flag, path in needed:
+        if path is not None and not Path(path).is_file():
+            hint = ' (bash download_requirements.sh fetches the released files)' if 'pretrained' in path or \
+                'checkpoints' in path else ''
+            raise SystemExit(f'{flag} {path}: file not found{hint}')
+    if not cfg.aligned:
+        try:
+            from faces import find_shape_predictor
+
+            find_shape_predictor(cfg.pretrained_dir)
+        except FileNotFoundError as e:
+            raise SystemExit(str(e)) from None
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise SystemExit(f'--out {out}: {probe} is not a writable folder; choose another --out')
+
+
+def run(main: Callable[[], dict], editor_ref: list) -> dict:
+    """Run a script body; a user error ends with its one-line message, Ctrl-C with how to resume."""
+    from editing.api import EditError
+
+    try:
+        return main()
+    except EditError as e:
+        raise SystemExit(str(e)) from None
+    except KeyboardInterrupt:
+        status = editor_ref[0].done_frames() if editor_ref else None
+        done = f' ({status[1]} of {status[2]} frames of the {status[0]} stage done)' if status else ''
+        print(f'\ninterrupted: re-run the same command to resume{done}', file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        if editor_ref:
+            editor_ref[0].close()
+
+
+def report(summary: dict, out: Path, log: Callable[[str], None] = print) -> None:
+    missing = summary['faces_missing']
+    log(f'\nframes: {summary["frames"]}   faces missing: {len(missing)}'
+        + (f' ({", ".join(missing[:10])}{" ..." if len(missing) > 10 else ""})' if missing else ''))
+    log('cache: ' + ', '.join(f'{k} {"hit" if v else "computed"}' for k, v in summary['cache_hits'].items()))
+    log('time per stage: ' + ', '.join(f'{k} {v:.1f}s' for k, v in summary['seconds'].items()))
+    for p in summary['outputs']:
+        log(f'wrote {p}/out.mp4')
+    log(f'summary: {out / "summary.json"}')
+
+
+def command(script: str, argv: list[str] | None) -> str:
+    import shlex
+
+    return shlex.join([script, *(sys.argv[1:] if argv is None else argv)])
