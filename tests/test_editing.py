@@ -271,11 +271,18 @@ def test_clip_edit_runs_saves_and_reuses_direction(weights, sample_video_dir, tm
     editing_CLIP.main(args + ['--scale', '1'])
     directions = list((out / 'directions').glob('*.pt'))
     assert len(directions) == 1
-    folder = out / 'beard_0.0020_id0.5_l15_scale1'
+    folder = out / f'{directions[0].stem}_scale1.00'
     assert read_video_info(folder / 'out.mp4')[0] == 2
+    assert json.loads((folder / 'config.json').read_text())['direction'] == str(directions[0])
     summary = editing_CLIP.main(args + ['--scale', '2'])
     assert summary['cache_hits'] == {'align': True, 'invert': True} and 'clip search' not in summary['seconds']
-    assert (out / 'beard_0.0020_id0.5_l15_scale2' / 'out.mp4').is_file()
+    assert (out / f'{directions[0].stem}_scale2.00' / 'out.mp4').is_file()
+    # other texts, same --attribute: a new direction and new folders; the first result and its direction stay as they are
+    before = {p: p.read_bytes() for p in [directions[0], *folder.rglob('*')] if p.is_file()}
+    editing_CLIP.main(args[:-4] + ['--trg_txt', 'face with glasses', '--id_loss_w', '0.5', '--scale', '1'])
+    assert len(list((out / 'directions').glob('*.pt'))) == 2
+    assert len([p for p in out.iterdir() if p.name.endswith('_scale1.00')]) == 2
+    assert before == {p: p.read_bytes() for p in before}
 
 
 @pytest.mark.parametrize('case', ['empty', 'unreadable', 'sizes', 'noface', 'attribute', 'T', 'checkpoint', 'missing'])
