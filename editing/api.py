@@ -408,7 +408,8 @@ class Editor:
 
     def render(self, video: EncodedVideo, identity: Tensor, name: str = 'render',
                settings: dict[str, Any] | None = None) -> Rendered:
-        """Every frame rendered from its x_T with `identity` [1,512] and its own landmarks (resumable, on disk)."""
+        """Every frame rendered from its x_T with `identity` [1,512] and its own landmarks (on disk, resumable, and
+        cached: the same identity is rendered once)."""
         digest = hashlib.sha256(identity.detach().double().cpu().contiguous().numpy().tobytes()).hexdigest()
         key = make_key(encode=video.key, identity=digest, decoder=self.cfg.decoder, steps=self.cfg.decoder_steps,
                        spacing=self.cfg.decoder_spacing)
@@ -417,6 +418,7 @@ class Editor:
             with self._run('render', entry.arrays, 'render', len(video)):
                 pipeline.render(self.sampler, video.arrays, identity, entry.arrays, self.batch_size, f'render {name}',
                                 self.progress, self.log, keep_float=self.cfg.precision == 'fp64')
+            entry.commit({'name': name, 'encode': video.key})
         return Rendered(name, identity, entry.arrays, dict(settings or {}), key)
 
     def edit(self, video: EncodedVideo, direction: Direction, scale: float, name: str | None = None) -> Rendered:
@@ -480,8 +482,6 @@ class Editor:
                 'checkpoint': str(self.checkpoint), 'device': str(self.device), 'batch_size': self.batch_size,
                 'software': software})
             outputs.append(pipeline.publish(folder, out_root / r.name))
-        for r in edits + ([recon] if recon else []):
-            shutil.rmtree(r.arrays.folder, ignore_errors=True)  # the renders are in the outputs now
         summary = pipeline.summary_of(video.names, video.missing, video.cache_hits, self.timer, outputs,
                                       {'faceless': cfg.faceless})
         cli.write_json(out_root / 'summary.json', summary)

@@ -80,3 +80,16 @@ def centre_crops(frames_dir: Path, dest: Path, n: int, size: int) -> Path:
         left = (img.width - img.height) // 2
         img.crop((left, 0, left + img.height, img.height)).resize((size, size), Image.LANCZOS).save(dest / f'{p.stem}.png')
     return dest
+
+
+def parity_base_config(fx_cfg: dict):
+    """The DVA config of a parity fixture set (sizes from its config; base channels come from the checkpoint)."""
+    from dataclasses import replace
+
+    import templates
+
+    cfg = templates.diffusion_video_autoencoder()
+    unet = replace(cfg.unet, image_size=fx_cfg['img_size'], channel_mult=tuple(fx_cfg['net_ch_mult']),
+                   attention_resolutions=tuple(fx_cfg['net_attn']), embed_channels=fx_cfg['embed_channels'],
+                   num_res_blocks=fx_cfg['num_res_blocks'], dropout=fx_cfg['dropout'])
+    return replace(cfg, unet=unet)

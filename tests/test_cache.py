@@ -1,35 +1,70 @@
-"""The editing cache: entries written atomically, best-effort, listed and cleared by `python -m editing.cache`."""
+"""The editing cache: chunked on-disk arrays, entries committed atomically, best-effort, listed and cleared by
+`python -m editing.cache`."""
 from __future__ import annotations
 
 import os
 import time
 
-import torch
+import numpy as np
+import pytest
 
-from editing.cache import Cache, cache_entries, main
+from editing.cache import Arrays, Cache, cache_entries, main
 
 
-def test_list_and_clear(tmp_path, capsys):
+def test_arrays_fill_chunk_by_chunk_and_resume(tmp_path):
+    a = Arrays(tmp_path / 'a')
+    a.create('x', (5, 2), np.float64)
+    assert a.done('x', 5).tolist() == [False] * 5
+    a.write('x', np.array([1, 3]), np.ones((2, 2)))
+    a.mark('x', np.array([1, 3]))
+    a.create('x', (5, 2), np.float64)  # resuming: the same shape and dtype keep what is there
+    assert a.read('x')[:, 0].tolist() == [0, 1, 0, 1, 0] and a.done('x', 5).tolist() == [False, True, False, True, False]
+    a.create('x', (6, 2), np.float64)  # another shape starts over
+    assert not a.read('x').any()
+    a.put('small', np.arange(3))
+    assert a.read('small', slice(1, 3)).tolist() == [1, 2] and a.shape('small') == (3,)
+
+
+def test_entries_commit_and_list_and_clear(tmp_path, capsys):
     cache = Cache(tmp_path / 'c')
-    cache.put('align', 'a1', {'x': torch.zeros(10)}, {'source': 'clip_a.mp4'})
-    cache.put('encode', 'e1', {'x': torch.zeros(1000)}, {'source': 'clip_a.mp4', 'T': 100})
-    partial = cache.partial_dir('render', 'r1')
-    partial.mkdir(parents=True)
-    torch.save({'index': torch.arange(2), 'out': torch.zeros(2, 3)}, partial / '0000000-1.pt')
-    old = cache.partial_dir('encode', 'e0')  # the pieces of an inversion interrupted long ago
-    old.mkdir()
-    (old / '0000000-1.pt').write_bytes(b'x' * 100)
+    e = cache.entry('align', 'a1')
+    assert not e.complete and not e.resumed
+    e.arrays.put('quads', np.zeros((10, 4, 2)))
+    assert cache.entry('align', 'a1').resumed  # an unfinished entry is found again, under partial-
+    e.commit({'source': 'clip_a.mp4'})
+    again = cache.entry('align', 'a1')
+    assert again.complete and again.arrays.read('quads').shape == (10, 4, 2)
+    cache.entry('encode', 'e1').arrays.put('x_T', np.zeros(1000))
+    cache.entry('encode', 'e1').commit({'source': 'clip_a.mp4', 'T': 100})
+    cache.entry('render', 'r1').arrays.put('render', np.zeros(10, np.uint8))
+    old = cache.entry('encode', 'e0')  # an inversion interrupted long ago
+    old.arrays.put('x_T', np.zeros(100))
     past = time.time() - 10 * 86400
-    os.utime(old / '0000000-1.pt', (past, past))
+    os.utime(old.arrays.folder / 'x_T.npy', (past, past))
 
     kinds = sorted(e['kind'] for e in cache_entries(tmp_path / 'c'))
     assert kinds == ['align', 'encode', 'partial-encode', 'partial-render']
     assert main(['--cache_dir', str(tmp_path / 'c')]) == 0
     out = capsys.readouterr().out
-    assert '4 entries' in out and 'clip_a.mp4' in out and len(list((tmp_path / 'c').iterdir())) == 4
+    assert '4 entries' in out and 'clip_a.mp4' in out
     main(['--cache_dir', str(tmp_path / 'c'), '--clear', '--older_than', '5'])
-    assert not old.exists() and partial.exists()
+    assert not old.arrays.folder.exists() and cache.entry('render', 'r1').resumed
     main(['--cache_dir', str(tmp_path / 'c'), '--clear', '--partial'])
-    assert not partial.exists() and cache.get('encode', 'e1') is not None
+    assert not cache.entry('render', 'r1').resumed and cache.entry('encode', 'e1').complete
     main(['--cache_dir', str(tmp_path / 'c'), '--clear'])
-    assert cache.get('align', 'a1') is None and list((tmp_path / 'c').iterdir()) == []
+    assert list((tmp_path / 'c').iterdir()) == []
+
+
+def test_unwritable_or_disabled_cache_works_from_a_scratch_folder(tmp_path):
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('x')
+    with pytest.warns(UserWarning, match='cannot write the cache'):
+        cache = Cache(blocker / 'cache')
+    assert not cache.enabled
+    e = cache.entry('encode', 'k')
+    e.arrays.put('x', np.ones(3))
+    e.commit({})
+    scratch = cache.folder
+    assert cache.entry('encode', 'k').complete and scratch != blocker
+    cache.close()
+    assert not scratch.exists() and blocker.read_text() == 'x'
