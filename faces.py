@@ -482,7 +482,7 @@ def align_video(
         frames: RGB uint8 [H, W, 3] arrays, e.g. a `video_io.FrameSource` (its `names` are recorded).
         detector: a `Detector`, e.g. `DlibDetector()`.
         center_sigma, xy_sigma: temporal Gaussian sigmas in frames for the centre and the side vectors (0: off).
-        progress: show a tqdm bar.
+        progress: show a tqdm bar on stderr when stderr is a terminal.
         keep_landmarks: store the raw landmarks in the result.
 
     Raises:
@@ -496,7 +496,9 @@ def align_video(
     landmarks: list[np.ndarray | None] = []
     prev_center = None
     size = None
-    for rgb in tqdm(frames, total=total, desc='aligning faces', unit='frame', disable=not progress):
+    # disable=None: tqdm shows no bar when stderr is not a terminal (a log file would get its carriage returns)
+    bar = tqdm(frames, total=total, desc='aligning faces', unit='frame', disable=None if progress else True)
+    for rgb in bar:
         size = (rgb.shape[1], rgb.shape[0])
         faces = detector(rgb)
         if not faces:

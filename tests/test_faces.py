@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import io
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -239,6 +241,21 @@ def test_no_face_anywhere_raises() -> None:
     with pytest.raises(NoFaceError, match='no face'):
         align_video(fake_frames(3), FakeDetector([[], [], []]), progress=False)
     assert issubclass(NoFaceError, ValueError)
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_only_on_a_terminal(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    script = [[fake_landmarks(100, 100, 20)]] * 3
+    align_video(fake_frames(3), FakeDetector(script), progress=True)
+    assert capsys.readouterr().err == ''  # stderr is not a terminal: no bar
+    terminal = Terminal()
+    monkeypatch.setattr(sys, 'stderr', terminal)
+    align_video(fake_frames(3), FakeDetector(script), progress=True)
+    assert 'aligning faces' in terminal.getvalue() and '3/3' in terminal.getvalue()
 
 
 def test_alignment_save_load(tmp_path: Path) -> None:
