@@ -295,16 +295,26 @@ def find_shape_predictor(pretrained_dir: str | os.PathLike | None = 'pretrained_
 class DlibDetector:
     """dlib HOG face detector + 68-point shape predictor (as the released editing scripts use, spec step 2).
 
-    For speed, faces are detected on a copy of the frame downscaled so that its long side is at most
-    `max_detect_side` pixels (HOG detection dominates the cost and grows with the pixel count); each box is scaled
-    back and the landmark predictor runs on the full-resolution frame inside it, so landmark precision is that of
-    full resolution. If the downscaled copy shows no face, detection is retried at full resolution (small faces).
+    Detection runs as a ladder of attempts that stops at the first one finding a face, so a frame costs one attempt
+    when its face is found at the first try:
+
+    1. Frames whose long side exceeds `max_detect_side`: on a copy downscaled to that long side (HOG detection
+       dominates the cost and grows with the pixel count). Each box is scaled back and the landmark predictor runs on
+       the full-resolution frame inside it, so landmark precision is that of full resolution.
+    2. On the full-resolution frame at dlib upsampling `upsample`.
+    3. Small faces: on the full-resolution frame at upsampling `upsample + 1`, ..., `max_upsample`. dlib's HOG window
+       is 80 x 80 px and each upsampling doubles the frame's sides, so level k finds faces down to about 80 / 2**k px.
+       A level is tried only while the upsampled frame has at most `max_upsampled_pixels` pixels, which bounds the
+       cost of a faceless frame: with the defaults a 176 x 144 frame is tried at upsampling 0, 1 and 2, a 960 x 540
+       frame at 0 and 1, and a frame of 1920 x 1080 or more at 0 only (as before the ladder existed).
 
     Args:
         predictor_path: the .dat model; None = `find_shape_predictor(pretrained_dir)`.
-        upsample: dlib's upsampling count for detection (0 as released; 1 finds faces half as large, slower).
+        upsample: dlib's upsampling count of the first attempts (0 as released).
         pretrained_dir: folder searched for the model when `predictor_path` is None.
-        max_detect_side: long side of the detection copy in pixels (None: detect at full resolution).
+        max_detect_side: long side of the downscaled copy of step 1 in pixels (None: no downscaled attempt).
+        max_upsample: highest upsampling count of step 3 (values <= `upsample`: no step 3).
+        max_upsampled_pixels: pixel budget of an upsampled frame in step 3 (None: no limit).
     """
 
     def __init__(
@@ -313,6 +323,8 @@ class DlibDetector:
         upsample: int = 0,
         pretrained_dir: str | os.PathLike | None = 'pretrained_models',
         max_detect_side: int | None = 640,
+        max_upsample: int = 2,
+        max_upsampled_pixels: int | None = 1920 * 1080,
     ) -> None:
         try:
             import dlib
@@ -323,33 +335,68 @@ class DlibDetector:
             predictor_path = find_shape_predictor(pretrained_dir)
         elif not Path(predictor_path).is_file():
             raise FileNotFoundError(f'dlib landmark model not found: {predictor_path}')
+        if upsample < 0 or max_upsample < 0:
+            raise ValueError(f'upsampling counts must be >= 0, got upsample={upsample}, max_upsample={max_upsample}')
         self.predictor_path = Path(predictor_path)
         self.upsample = upsample
         self.max_detect_side = max_detect_side
+        self.max_upsample = max_upsample
+        self.max_upsampled_pixels = max_upsampled_pixels
         self._dlib = dlib
         self._detector = dlib.get_frontal_face_detector()
         self._predictor = dlib.shape_predictor(str(self.predictor_path))
 
+    def attempts(self, width: int, height: int) -> list[tuple[float, int]]:
+        """The detection ladder of a `width` x `height` frame: (scale of the detected image, dlib upsampling count)
+        per attempt, in order; scale < 1 is the downscaled copy, 1 the full-resolution frame."""
+        ladder = []
+        if self.max_detect_side is not None and max(width, height) > self.max_detect_side:
+            ladder.append((self.max_detect_side / max(width, height), self.upsample))
+        ladder.append((1.0, self.upsample))
+        for k in range(self.upsample + 1, self.max_upsample + 1):
+            if self.max_upsampled_pixels is not None and width * height * 4**k > self.max_upsampled_pixels:
+                break
+            ladder.append((1.0, k))
+        return ladder
+
+    def describe(self, width: int, height: int) -> str:
+        """What `__call__` tries on a `width` x `height` frame, in words (for error messages)."""
+        ladder = self.attempts(width, height)
+        parts = []
+        if ladder[0][0] < 1.0:
+            scale = ladder[0][0]
+            parts.append(f'at upsampling {ladder[0][1]} on a copy downscaled to '
+                         f'{round(width * scale)}x{round(height * scale)}')
+        levels = ', '.join(str(k) for s, k in ladder if s == 1.0)
+        parts.append(f'at upsampling {levels} on the full-resolution {width}x{height} frame')
+        text = 'dlib HOG detector ' + ', then '.join(parts)
+        skipped = [str(k) for k in range(ladder[-1][1] + 1, self.max_upsample + 1)]
+        if skipped:
+            text += (f'; upsampling {", ".join(skipped)} skipped, as the upsampled frame would exceed '
+                     f'max_upsampled_pixels={self.max_upsampled_pixels}')
+        return text
+
     def __call__(self, rgb: np.ndarray) -> list[np.ndarray]:
-        """Landmarks [68, 2] float64 of every face in `rgb` (uint8 [H, W, 3]), in the detector's order."""
+        """Landmarks [68, 2] float64 of every face in `rgb` (uint8 [H, W, 3]), in the detector's order, from the
+        first attempt of the ladder (see the class docstring) that finds any face; [] when none does."""
         dlib = self._dlib
         rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
         h, w = rgb.shape[:2]
-        ratio = 1.0
-        if self.max_detect_side is not None and max(h, w) > self.max_detect_side:
-            ratio = self.max_detect_side / max(h, w)
         boxes = []
-        if ratio < 1.0:
-            small = np.asarray(Image.fromarray(rgb).resize((round(w * ratio), round(h * ratio)), Image.BILINEAR))
-            for r in self._detector(small, self.upsample):
+        for scale, upsample in self.attempts(w, h):
+            if scale < 1.0:
+                small = np.asarray(Image.fromarray(rgb).resize((round(w * scale), round(h * scale)), Image.BILINEAR))
                 sx, sy = w / small.shape[1], h / small.shape[0]
-                boxes.append(
+                boxes = [
                     dlib.rectangle(
                         round(r.left() * sx), round(r.top() * sy), round(r.right() * sx), round(r.bottom() * sy)
                     )
-                )
-        if not boxes:
-            boxes = list(self._detector(rgb, self.upsample))
+                    for r in self._detector(small, upsample)
+                ]
+            else:
+                boxes = list(self._detector(rgb, upsample))
+            if boxes:
+                break
         faces = []
         for box in boxes:
             shape = self._predictor(rgb, box)
@@ -435,11 +482,12 @@ def align_video(
         frames: RGB uint8 [H, W, 3] arrays, e.g. a `video_io.FrameSource` (its `names` are recorded).
         detector: a `Detector`, e.g. `DlibDetector()`.
         center_sigma, xy_sigma: temporal Gaussian sigmas in frames for the centre and the side vectors (0: off).
-        progress: show a tqdm bar.
+        progress: show a tqdm bar on stderr when stderr is a terminal.
         keep_landmarks: store the raw landmarks in the result.
 
     Raises:
-        NoFaceError: no frame has a face.
+        NoFaceError: no frame has a face; the message says what the detector tried when it has a
+            `describe(width, height)` method (as `DlibDetector` does).
     """
     from tqdm.auto import tqdm
 
@@ -447,7 +495,11 @@ def align_video(
     params: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] = []
     landmarks: list[np.ndarray | None] = []
     prev_center = None
-    for rgb in tqdm(frames, total=total, desc='aligning faces', unit='frame', disable=not progress):
+    size = None
+    # disable=None: tqdm shows no bar when stderr is not a terminal (a log file would get its carriage returns)
+    bar = tqdm(frames, total=total, desc='aligning faces', unit='frame', disable=None if progress else True)
+    for rgb in bar:
+        size = (rgb.shape[1], rgb.shape[0])
         faces = detector(rgb)
         if not faces:
             params.append(None)
@@ -461,7 +513,9 @@ def align_video(
     n = len(params)
     found = [i for i, p in enumerate(params) if p is not None]
     if not found:
-        raise NoFaceError(f'no face detected in any of the {n} frames')
+        describe = getattr(detector, 'describe', None)
+        tried = f' ({describe(*size)})' if callable(describe) and size is not None else ''
+        raise NoFaceError(f'no face found in any of the {n} frames{tried}')
     missing = [i for i, p in enumerate(params) if p is None]
     cxy = np.full((n, 3, 2), np.nan)
     cxy[found] = np.array([np.stack(params[i]) for i in found])

@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE',
                    help='config override such as train.lr=3e-5 (repeatable; unknown keys are an error)')
     p.add_argument('--overwrite', action='store_true', help='start over in a run folder that holds checkpoints')
-    p.add_argument('--no_progress', action='store_true', help='no progress bar (logs only)')
+    p.add_argument('--no_progress', action='store_true',
+                   help='no progress output (default: a progress bar on a terminal, else a plain line every '
+                        'train.log_every steps)')
     p.add_argument('--dry-run', dest='dry_run', action='store_true', help='print the resolved config and exit')
     args = p.parse_args(argv)
 
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                                          max_steps=cfg.train.max_steps if args.max_steps is None else args.max_steps))
     run_dir = Path(args.logdir or (Path(args.resume).parent if args.resume else Path('checkpoints') / cfg.name))
     trainer_kwargs = {'accelerator': args.accelerator, 'devices': args.devices, 'num_nodes': args.num_nodes,
-                      'strategy': args.strategy, 'enable_progress_bar': not args.no_progress}
+                      'strategy': args.strategy, 'enable_progress_bar': False if args.no_progress else None}
     if args.dry_run:
         print(json.dumps({'dva_config': to_dict(cfg), 'run_dir': str(run_dir), 'resume': args.resume,
                           'init_from': args.init_from, 'pretrained_dir': args.pretrained_dir,

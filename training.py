@@ -3,7 +3,9 @@
     DVAModule              LightningModule around a DiffusionVideoAutoencoder (loss, Adam, EMA, checkpoint layout)
     ema_update / make_ema  EMA over the trainable parameters only; the EMA copy shares the frozen encoders
     SampleGrid             Callback: original | reconstruction | render from random x_T, every train.sample_every steps
+    ProgressLines          Callback: one plain progress line every train.log_every steps (logs that are not terminals)
     build_trainer          the Lightning Trainer with ModelCheckpoint, SampleGrid and TensorBoard
+    quiet_lightning        context that drops the Lightning messages no user can act on
     run_training           everything `run_train.py` does after parsing: run folder, weights, Trainer.fit
 
 Identity statistics and the attribute classifier live in identity.py.
@@ -15,8 +17,14 @@ of the autoencoder (frozen encoders included), so the released loader and `model
 from __future__ import annotations
 
 import copy
+import logging
 import os
-from collections.abc import Sequence
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -227,6 +235,33 @@ class SampleGrid(Callback):
         return path
 
 
+class ProgressLines(Callback):
+    """Plain progress for logs: one line `step 100/1000  loss_eps 0.0312  ...  2.41 s/step` every `every` steps and
+    at the last step, printed to stdout. For output that is not a terminal, where a tqdm bar writes carriage returns
+    and cursor moves into the file. Rank zero only."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self._time, self._step = 0.0, 0
+
+    @rank_zero_only
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._time, self._step = time.perf_counter(), trainer.global_step
+        print(f'training from step {trainer.global_step} to {trainer.max_steps}', flush=True)
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.every <= 0 or step == self._step or (step % self.every and step != trainer.max_steps):
+            return
+        now = time.perf_counter()
+        per_step = (now - self._time) / (step - self._step)
+        self._time, self._step = now, step
+        losses = '  '.join(f'{k} {float(v):.4g}' for k, v in trainer.callback_metrics.items() if k.startswith('loss'))
+        print(f'step {step}/{trainer.max_steps}  {losses}  {per_step:.2f} s/step', flush=True)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Data
 
@@ -302,12 +337,15 @@ def build_trainer(
     num_nodes: int = 1,
     strategy: str = 'auto',
     callbacks: Sequence[Callback] = (),
-    enable_progress_bar: bool = True,
+    enable_progress_bar: bool | None = None,
 ) -> L.Trainer:
     """Lightning Trainer: precision, max_steps and gradient clipping (1.0, after the AMP unscale) from the config;
     ModelCheckpoint writing `step=XXXXXXX.ckpt` every train.ckpt_every steps (all kept) with `last.ckpt` a relative
     symbolic link to the newest one (one copy on disk, ~3 GB at paper size; a plain copy where links are not
-    allowed); SampleGrid; TensorBoard logs in RUN/tb."""
+    allowed); SampleGrid; TensorBoard logs in RUN/tb. No model summary table (`run_training` prints one line).
+
+    enable_progress_bar: True: Lightning's tqdm bar; False: no progress output; None: the bar when stdout is a
+    terminal, else `ProgressLines` every train.log_every steps."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
     run_dir, t = Path(run_dir), cfg.train
@@ -317,12 +355,51 @@ def build_trainer(
     grid = SampleGrid(run_dir / 'samples', t.sample_every, t.sample_batch, cfg.diffusion.T_eval, t.seed)
     final = FinalCheckpoint(run_dir / 'last.ckpt')
     logger = TensorBoardLogger(save_dir=run_dir, name='tb', version='', default_hp_metric=False)
+    extra: list[Callback] = []
+    if enable_progress_bar is None:
+        enable_progress_bar = sys.stdout.isatty()
+        if not enable_progress_bar:
+            extra.append(ProgressLines(t.log_every))
     return L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
                      precision=t.precision, max_steps=t.max_steps, gradient_clip_val=t.grad_clip,
                      gradient_clip_algorithm='norm', log_every_n_steps=t.log_every, limit_val_batches=0,
-                     num_sanity_val_steps=0, logger=logger, callbacks=[ckpt, grid, final, *callbacks],
-                     default_root_dir=run_dir, enable_progress_bar=enable_progress_bar,
+                     num_sanity_val_steps=0, logger=logger, callbacks=[ckpt, grid, final, *extra, *callbacks],
+                     default_root_dir=run_dir, enable_progress_bar=enable_progress_bar, enable_model_summary=False,
                      benchmark=True)  # cuDNN autotuning: every training batch has the same shape
+
+
+# Warnings Lightning gives on every run of ours, none of which calls for an action (regular expressions matched at the
+# start of the message, as `warnings.filterwarnings` does).
+LIGHTNING_NOISE = (
+    r'Checkpoint directory .* exists and is not empty',  # it holds config.json; prepare_run_dir guards checkpoints
+    r'Found \d+ module\(s\) in eval mode at the start of training',  # the frozen encoders, on purpose
+    r'You passed in a `val_dataloader` but have no `validation_step`',  # the val clips serve run_eval, not fit
+    r'`isinstance\(treespec, LeafSpec\)` is deprecated',  # inside Lightning's own code
+)
+LIGHTNING_LOGGERS = ('lightning.pytorch.utilities.rank_zero', 'lightning.fabric.utilities.rank_zero')
+
+
+class _DropAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return 'litlogger' not in record.getMessage()  # "Tip: ... try installing [litlogger] ..." on every Trainer
+
+
+@contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Within the block, drop the `LIGHTNING_NOISE` warnings and Lightning's LitLogger advert; every other warning and
+    log record is kept. Restores the warning filters and the loggers on exit."""
+    drop = _DropAdverts()
+    loggers = [logging.getLogger(name) for name in LIGHTNING_LOGGERS]
+    with warnings.catch_warnings():
+        for pattern in LIGHTNING_NOISE:
+            warnings.filterwarnings('ignore', message=pattern)
+        for logger in loggers:
+            logger.addFilter(drop)
+        try:
+            yield
+        finally:
+            for logger in loggers:
+                logger.removeFilter(drop)
 
 
 def is_launcher_process() -> bool:
@@ -361,6 +438,29 @@ def prepare_run_dir(run_dir: str | os.PathLike, *, resume: bool, overwrite: bool
     return run_dir
 
 
+def new_dirs(path: str | os.PathLike) -> list[Path]:
+    """`path` and those of its parents that do not exist yet, deepest first (what `mkdir(parents=True)` creates)."""
+    path, out = Path(path).absolute(), []
+    while not path.exists() and path != path.parent:
+        out.append(path)
+        path = path.parent
+    return out
+
+
+def remove_new_run_dir(created: list[Path]) -> None:
+    """Undo `prepare_run_dir` for a run that failed before its first training step: remove the run folder (`created`
+    [0], with what the run wrote there: config.json, tb/) and the then empty parents it created. Folders that existed
+    before the run are never in `created`, so never touched."""
+    if not created or not created[0].is_dir():
+        return
+    shutil.rmtree(created[0], ignore_errors=True)
+    for parent in created[1:]:
+        try:
+            parent.rmdir()
+        except OSError:  # not empty: something else lives there now
+            break
+
+
 def read_run_config(path: str | os.PathLike) -> DVAConfig:
     """The DVAConfig stored in a checkpoint written by run_train.py (for --resume)."""
     if not Path(path).is_file():
@@ -391,42 +491,60 @@ def run_training(
     Trainer.fit(ckpt_path)); `init_from` (any released-layout checkpoint: weights and EMA only, step 0); else a fresh
     UNet with the frozen encoders from `pretrained_dir` (or random with `random_encoders`). `run_dir/config.json`
     records the resolved config, the weight sources and the Trainer options.
+
+    A run that fails before its first training step (bad data, missing weights, an error in the first step) removes
+    the run folder again when it created it; a folder that existed before is left as it is. Lightning's messages that
+    call for no action are dropped (`quiet_lightning`).
     """
     from cli import software_versions, write_json
 
     if resume and init_from:
         raise SystemExit('--resume and --init_from exclude each other: resume continues a run, init_from starts one')
     run_dir = Path(run_dir)
-    if is_launcher_process():
-        prepare_run_dir(run_dir, resume=bool(resume), overwrite=overwrite)
-    data = ClipDataModule(cfg.data, cfg.unet.image_size, cfg.train.clips_per_device)
+    created = new_dirs(run_dir) if is_launcher_process() else []
+    module: DVAModule | None = None
     try:
-        data.setup('fit')  # a missing or empty data folder fails here, before any network is built
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f'training data ({cfg.data.root}): {e}') from e
+        with quiet_lightning():
+            if is_launcher_process():
+                prepare_run_dir(run_dir, resume=bool(resume), overwrite=overwrite)
+            data = ClipDataModule(cfg.data, cfg.unet.image_size, cfg.train.clips_per_device)
+            try:
+                data.setup('fit')  # a missing or empty data folder fails here, before any network is built
+            except (FileNotFoundError, ValueError) as e:
+                raise SystemExit(f'training data ({cfg.data.root}): {e}') from e
 
-    init_state = None
-    if resume:
-        encoders = f'checkpoint:{resume}'
-    elif init_from:
-        init_state, meta = read_dva_checkpoint(init_from)
-        net = config_for_checkpoint(init_state, meta, cfg)
-        cfg = replace(cfg, unet=net.unet, encoder=net.encoder)
-        encoders = f'checkpoint:{init_from}'
-    else:
-        encoders = 'random' if random_encoders else f'pretrained:{pretrained_dir}'
-    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    module = DVAModule(cfg, encoders=encoders)
-    if init_state is not None:
-        module.load_weights(init_state, init_from)
-    elif not resume and not random_encoders:
-        load_pretrained_encoders(module.model.encoder, pretrained_dir)
+            init_state = None
+            if resume:
+                encoders = f'checkpoint:{resume}'
+            elif init_from:
+                init_state, meta = read_dva_checkpoint(init_from)
+                net = config_for_checkpoint(init_state, meta, cfg)
+                cfg = replace(cfg, unet=net.unet, encoder=net.encoder)
+                encoders = f'checkpoint:{init_from}'
+            else:
+                encoders = 'random' if random_encoders else f'pretrained:{pretrained_dir}'
+            L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+            module = DVAModule(cfg, encoders=encoders)
+            if init_state is not None:
+                module.load_weights(init_state, init_from)
+            elif not resume and not random_encoders:
+                load_pretrained_encoders(module.model.encoder, pretrained_dir)
 
-    trainer = build_trainer(cfg, run_dir, callbacks=callbacks, **(trainer_kwargs or {}))
-    if trainer.is_global_zero:
-        write_json(run_dir / 'config.json', {
-            'dva_config': to_dict(cfg), 'encoders': encoders, 'resume': str(resume) if resume else None,
-            'init_from': str(init_from) if init_from else None, 'trainer': dict(trainer_kwargs or {}),
-            'world_size': trainer.world_size, **(extra_config or {}), 'software': software_versions()})
-    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
+            trainer = build_trainer(cfg, run_dir, callbacks=callbacks, **(trainer_kwargs or {}))
+            if trainer.is_global_zero:
+                trainable = sum(p.numel() for p in module.model.trainable_parameters())
+                frozen = sum(p.numel() for name in module.model.encoder.FROZEN
+                             for p in getattr(module.model.encoder, name).parameters())
+                print(f'{cfg.name}: {trainable / 1e6:.2f} M trainable parameters (UNet, fusion layer; plus their EMA '
+                      f'copy), {frozen / 1e6:.1f} M frozen ({", ".join(module.model.encoder.FROZEN)}); run folder '
+                      f'{run_dir}', flush=True)
+                write_json(run_dir / 'config.json', {
+                    'dva_config': to_dict(cfg), 'encoders': encoders, 'resume': str(resume) if resume else None,
+                    'init_from': str(init_from) if init_from else None, 'trainer': dict(trainer_kwargs or {}),
+                    'world_size': trainer.world_size, **(extra_config or {}), 'software': software_versions()})
+            trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
+    except BaseException:
+        if created and (module is None or module.global_step == 0) and not run_checkpoints(run_dir):
+            remove_new_run_dir(created)
+        raise
     return module

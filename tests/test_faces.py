@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import io
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -241,6 +243,21 @@ def test_no_face_anywhere_raises() -> None:
     assert issubclass(NoFaceError, ValueError)
 
 
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_only_on_a_terminal(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    script = [[fake_landmarks(100, 100, 20)]] * 3
+    align_video(fake_frames(3), FakeDetector(script), progress=True)
+    assert capsys.readouterr().err == ''  # stderr is not a terminal: no bar
+    terminal = Terminal()
+    monkeypatch.setattr(sys, 'stderr', terminal)
+    align_video(fake_frames(3), FakeDetector(script), progress=True)
+    assert 'aligning faces' in terminal.getvalue() and '3/3' in terminal.getvalue()
+
+
 def test_alignment_save_load(tmp_path: Path) -> None:
     script = [[fake_landmarks(100 + i, 100, 20)] if i != 1 else [] for i in range(4)]
     al = align_video(fake_frames(4), FakeDetector(script), progress=False)
@@ -348,3 +365,79 @@ def test_dlib_no_face_raises(detector: DlibDetector) -> None:
     black = [np.zeros((240, 320, 3), dtype=np.uint8) for _ in range(3)]
     with pytest.raises(NoFaceError):
         align_video(black, detector, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Small faces: the upsampling ladder
+
+
+class CallRecorder:
+    """Wraps dlib's face detector and records (height, width, upsampling) of every call."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.calls = inner, []
+
+    def __call__(self, img: np.ndarray, upsample: int):
+        self.calls.append((img.shape[0], img.shape[1], upsample))
+        return self.inner(img, upsample)
+
+
+@pytest.fixture(scope='module')
+def carphone(test_videos_dir: Path) -> list[np.ndarray]:
+    return list(FrameSource(test_videos_dir / 'carphone.mp4'))
+
+
+def test_ladder_sizes(detector: DlibDetector) -> None:
+    assert (detector.upsample, detector.max_upsample, detector.max_upsampled_pixels) == (0, 2, 1920 * 1080)
+    assert detector.attempts(176, 144) == [(1.0, 0), (1.0, 1), (1.0, 2)]
+    assert detector.attempts(960, 540) == [(640 / 960, 0), (1.0, 0), (1.0, 1)]  # 1920 x 1080 once upsampled
+    assert detector.attempts(1920, 1080) == [(640 / 1920, 0), (1.0, 0)]  # as before the ladder existed
+    assert 'upsampling 1, 2 skipped' in detector.describe(1920, 1080)
+
+
+def test_dlib_finds_small_faces_only_by_upsampling(carphone: list[np.ndarray], detector: DlibDetector,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """carphone.mp4 (176 x 144): its faces of about 45-55 px are below dlib's 80 px window at upsampling 0."""
+    assert len(carphone) == 120 and carphone[0].shape == (144, 176, 3)
+    no_retry = DlibDetector(max_upsample=0)
+    assert sum(bool(no_retry(f)) for f in carphone[::10]) == 0
+    with pytest.raises(NoFaceError, match=r'upsampling 0 on the full-resolution 176x144 frame\)'):
+        align_video(carphone[::10], no_retry, progress=False)
+
+    rec = CallRecorder(detector._detector)
+    monkeypatch.setattr(detector, '_detector', rec)
+    al = align_video(carphone, detector, progress=False)
+    assert len(al.missing) <= 3, al.missing
+    assert {u for _, _, u in rec.calls} == {0, 1, 2} and all((h, w) == (144, 176) for h, w, _ in rec.calls)
+    centre = al.quads.mean(axis=1)
+    side = np.linalg.norm(al.quads[:, 3] - al.quads[:, 0], axis=1)
+    assert ((centre > 0) & (centre < [176, 144])).all()
+    assert ((side > 40) & (side < 150)).all()
+
+
+def test_dlib_faceless_frames_try_every_level(sample_video_dir: Path, detector: DlibDetector,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    with Image.open(min(sample_video_dir.glob('*.jpeg'))) as img:  # the window blinds left of the face
+        blinds = np.asarray(img.convert('RGB').crop((0, 0, 880, 720)).resize((176, 144), Image.BILINEAR))
+    grey = np.full((144, 176, 3), 128, dtype=np.uint8)
+    rec = CallRecorder(detector._detector)
+    monkeypatch.setattr(detector, '_detector', rec)
+    with pytest.raises(NoFaceError) as e:
+        align_video([blinds, grey], detector, progress=False)
+    assert str(e.value) == ('no face found in any of the 2 frames '
+                            '(dlib HOG detector at upsampling 0, 1, 2 on the full-resolution 176x144 frame)')
+    assert [u for *_, u in rec.calls] == [0, 1, 2, 0, 1, 2]
+
+
+def test_dlib_large_faces_found_at_the_first_try(real_frames: list[np.ndarray], detector: DlibDetector,
+                                                 real_alignment: Alignment, monkeypatch: pytest.MonkeyPatch) -> None:
+    """1080p frames: one detection on the 640 x 360 copy per frame, and the quads of the detector without the
+    ladder (max_upsample=0), bit for bit."""
+    rec = CallRecorder(detector._detector)
+    monkeypatch.setattr(detector, '_detector', rec)
+    al = align_video(real_frames, detector, progress=False)
+    assert rec.calls == [(360, 640, 0)] * len(real_frames)
+    np.testing.assert_array_equal(al.quads, real_alignment.quads)
+    old = align_video(real_frames, DlibDetector(max_upsample=0), progress=False)
+    np.testing.assert_array_equal(old.quads, al.quads)
+    np.testing.assert_array_equal(old.landmarks, al.landmarks)

@@ -24,11 +24,11 @@ import run_train
 import templates
 from config import CELEBA_ATTRIBUTES
 from dataset import image_to_tensor, write_celebahq_lmdb
-from training import ClipDataModule
 from model.autoencoder import DiffusionVideoAutoencoder
 from model.classifier import AttributeClassifier
 from model.encoders import IdentityEncoder
 from model.pretrained import load_classifier, load_dva
+from training import ClipDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,12 +99,17 @@ def test_bad_override_is_an_error(tmp_path, capsys, override):
 
 def test_missing_data_or_weights_is_a_clear_error(tmp_path, clip_root):
     with pytest.raises(SystemExit, match='does not exist'):
-        run_train.main(train_args(tmp_path / 'nowhere', tmp_path / 'run1', '--random_encoders'))
+        run_train.main(train_args(tmp_path / 'nowhere', tmp_path / 'runs' / 'run1', '--random_encoders'))
     (tmp_path / 'empty' / 'train').mkdir(parents=True)
     with pytest.raises(SystemExit, match='no video folders'):
         run_train.main(train_args(tmp_path / 'empty', tmp_path / 'run2', '--random_encoders'))
     with pytest.raises(SystemExit, match='model_ir_se50.pth'):  # a fresh run needs the frozen encoder weights
         run_train.main(train_args(clip_root, tmp_path / 'run3', '--pretrained_dir', str(tmp_path / 'nothing')))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['empty']  # the failed runs left no folder behind
+    (tmp_path / 'mine').mkdir()  # a folder that existed before the run is kept
+    with pytest.raises(SystemExit, match='no video folders'):
+        run_train.main(train_args(tmp_path / 'empty', tmp_path / 'mine', '--random_encoders'))
+    assert (tmp_path / 'mine').is_dir()
 
 
 def test_videos_with_too_few_frames_are_skipped_or_rejected(tmp_path, sample_video_dir):
@@ -148,14 +153,22 @@ def test_init_from_a_released_checkpoint_starts_at_step_zero(tmp_path, released_
 
 
 def test_ddp_two_cpu_processes(tmp_path, clip_root):
+    """Also the output of a run into pipes (a log file): plain progress lines, no bar escape codes, none of the
+    Lightning messages that call for no action (on either rank)."""
     run = tmp_path / 'ddp'
-    env = {k: v for k, v in os.environ.items() if k not in ('LOCAL_RANK', 'RANK', 'WORLD_SIZE', 'NODE_RANK')}
-    env.update(OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='', PYTHONWARNINGS='ignore')
+    env = {k: v for k, v in os.environ.items() if k not in ('LOCAL_RANK', 'RANK', 'WORLD_SIZE', 'NODE_RANK',
+                                                             'PYTHONWARNINGS')}
+    env.update(OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
     cmd = [sys.executable, 'run_train.py', '--template', 'tiny', '--data', str(clip_root), '--logdir', str(run),
            '--random_encoders', '--accelerator', 'cpu', '--devices', '2', '--strategy', 'ddp', '--max_steps', '2',
-           '--set', 'train.ckpt_every=2', '--set', 'train.sample_every=0', '--no_progress']
+           '--set', 'train.ckpt_every=2', '--set', 'train.sample_every=0']
     proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert 'step 1/2  loss_eps ' in proc.stdout and 'step 2/2  loss_eps ' in proc.stdout
+    for noise in ('\r', '\x1b', 'it/s', 'litlogger', 'exists and is not empty', 'eval mode', 'Modules in',
+                  'Total params', 'LeafSpec', 'validation_step'):
+        assert noise not in out, (noise, out[-3000:])
     ckpt = torch.load(run / 'last.ckpt', map_location='cpu', weights_only=True)
     assert ckpt['global_step'] == 2
     assert json.loads((run / 'config.json').read_text())['world_size'] == 2

@@ -7,8 +7,10 @@ frozen encoders by fixed features to afford 30 optimiser steps.
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import shutil
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,12 +20,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
-import templates
 import identity
+import templates
 import training
-from model.nn import ema_update
 from config import ClsConfig, to_dict
 from model.autoencoder import DiffusionVideoAutoencoder
+from model.nn import ema_update
 from model.pretrained import load_dva
 
 
@@ -287,6 +289,53 @@ def test_resume_rejects_a_checkpoint_without_optimizer_state(short_run, tmp_path
     other = {**ckpt, 'dva_config': to_dict(replace(cfg, unet=replace(cfg.unet, model_channels=8)))}
     with pytest.raises(ValueError, match='unet'):
         module.on_load_checkpoint(other)
+
+
+class FailAtStart(Callback):
+    def on_train_start(self, trainer, pl_module) -> None:
+        raise RuntimeError('boom before the first step')
+
+
+def test_a_run_failing_before_its_first_step_leaves_no_folder(tmp_path, clip_root):
+    run = tmp_path / 'runs' / 'new' / 'tiny'  # runs/new/tiny are created by the run
+    with pytest.raises(RuntimeError, match='boom'):
+        training.run_training(tiny_cfg(clip_root, max_steps=1), run, random_encoders=True, trainer_kwargs=CPU,
+                              callbacks=[FailAtStart()])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_quiet_lightning_drops_only_the_noise():
+    import lightning as L
+    from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+    class Records(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    handler = Records()
+    logging.getLogger('lightning').addHandler(handler)
+    logging.getLogger('lightning.pytorch').addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter('always')
+            with training.quiet_lightning():
+                L.Trainer(accelerator='cpu', logger=False, enable_checkpointing=False, enable_progress_bar=False)
+                rank_zero_warn('Checkpoint directory /runs/a exists and is not empty.')
+                rank_zero_warn('Found 585 module(s) in eval mode at the start of training. This may lead to ...')
+                warnings.warn('a real problem', UserWarning)
+            rank_zero_warn('Checkpoint directory /runs/b exists and is not empty.')  # the filters end with the block
+            quiet_logs = list(handler.messages)
+            L.Trainer(accelerator='cpu', logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    finally:
+        logging.getLogger('lightning').removeHandler(handler)
+        logging.getLogger('lightning.pytorch').removeHandler(handler)
+    assert [str(w.message) for w in seen] == ['a real problem', 'Checkpoint directory /runs/b exists and is not empty.']
+    assert quiet_logs and not any('litlogger' in m for m in quiet_logs)  # 'GPU available: ...' is kept
+    assert any('litlogger' in m for m in handler.messages[len(quiet_logs):])
 
 
 # --------------------------------------------------------------------------------------------------------------------
