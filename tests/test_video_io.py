@@ -302,7 +302,7 @@ def test_sound_follows_the_selected_frames(sample_video_dir: Path, test_videos_d
 
 
 def _ffmpeg() -> str:
-    """The ffmpeg program: Debian's (apt-get install ffmpeg), else imageio-ffmpeg's; skipped (failed under CI) if none."""
+    """The ffmpeg program: Debian's (apt-get install ffmpeg), else imageio-ffmpeg's; skipped (CI: failed) if none."""
     import os
     import shutil
 
