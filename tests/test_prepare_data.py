@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import prepare_data
+import data_prep
 from prepare_data import main
 from video_sources import assign_splits, discover_inputs, split_groups, video_names
 
@@ -36,8 +36,8 @@ class FakeDetector:
 
 @pytest.fixture
 def fake_dlib(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(prepare_data, 'make_detector', lambda pretrained_dir: FakeDetector())
-    monkeypatch.setattr(prepare_data, 'check_detector', lambda pretrained_dir: 'fake')
+    monkeypatch.setattr(data_prep, 'make_detector', lambda pretrained_dir: FakeDetector())
+    monkeypatch.setattr(data_prep, 'check_detector', lambda pretrained_dir: 'fake')
 
 
 def noise_frames(folder: Path, n: int, black: tuple[int, ...] = (), size: tuple[int, int] = (96, 72), seed: int = 0):
@@ -305,8 +305,8 @@ def real_inputs(sample_video_dir: Path, test_videos_dir: Path, tmp_path_factory)
     """talk/: 6 sample frames (1920x1080, frame 0003 blanked); sample_24f_540p.mp4; black/: 4 black frames."""
     pytest.importorskip('dlib')
     try:
-        prepare_data.check_detector('pretrained_models')
-    except SystemExit as e:
+        data_prep.check_detector('pretrained_models')
+    except (ImportError, FileNotFoundError) as e:
         pytest.skip(str(e))
     inputs = tmp_path_factory.mktemp('inputs')
     (inputs / 'talk').mkdir()
