@@ -185,6 +185,7 @@ def test_recon_ssim_border(aligned_root: Path, tiny_ckpt: Path, tmp_path: Path,
         got[border] = [float(r['ssim']) for r in _read_csv(out / 'frames.csv')]
         assert f'SSIM border: {border}' in (out / 'report.md').read_text()
         assert json.loads((out / 'config.json').read_text())['ssim_border'] == border
+        assert all((out / f).stat().st_mode & 0o077 for f in reporting.OUTPUT_FILES)  # not 0600: others may read
     crops = evaluation.load_crops(sorted((aligned_root / 'test' / 'vid_a').iterdir()), 32)
     a, b = (crops + 1) / 2, ((crops * 0.8).flip(-1) + 1) / 2
     for border in ('valid', 'zero'):
