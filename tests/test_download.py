@@ -111,6 +111,7 @@ def test_fetch_everything_then_skip_everything(mirror) -> None:
     assert (root / 'datasets/celeba_anno/CelebAMask-HQ-attribute-anno.txt').read_bytes() == b'a'
     assert not list(root.glob('*.zip')) and not list(root.rglob('*.bz2')) and not (root / '__MACOSX').exists()
     assert len(list((root / 'sample_video').iterdir())) == 100
+    assert (root / SRC['latent'].dest).stat().st_mode & 0o077  # the usual mode, not the temporary file's 0600
     httpd.log.clear()
     code, out, _ = run()
     assert code == 0 and out.count('skipped ') == len(out.splitlines()) == 108 and httpd.log == []  # no request

@@ -162,6 +162,9 @@ class GdownDownloader:
         self.called = True
         gdown.download(url=url, output=str(self.staged), quiet=self.quiet, resume=True, timeout=self.timeout,
                        retries=self.retries)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.staged, 0o666 & ~umask)  # gdown's (and pooch's) temporary files are 0600
         os.replace(self.staged, output_file)
 
 
