@@ -140,7 +140,7 @@ def test_ssim_borders_match_independent_references_on_real_crops(sample_video_di
     valid, zero = M.ssim(a, b), M.ssim(a, b, border='zero')
     assert ((0.8 < valid) & (valid < 0.97)).all(), valid
     torch.testing.assert_close(valid.double(), torch.tensor(_skimage_ssim(a.double(), b.double())), atol=1e-4, rtol=0)
-    torch.testing.assert_close(zero.double(), _diffae_ssim(a.double(), b.double()), atol=1e-4, rtol=0)
+    torch.testing.assert_close(zero, _diffae_ssim(a, b), atol=1e-4, rtol=0)  # float32, as diffae ran
     assert (zero - valid > 0.001).all()  # the zero-padded border reads higher: the conventions really differ
 
 
