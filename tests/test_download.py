@@ -132,10 +132,12 @@ def test_bad_hash_and_missing_file_fail_naming_the_source(mirror, monkeypatch) -
     _, root = mirror
     monkeypatch.setenv('DVA_SHA256_CLIP_VIT_B16', '0' * 64)
     monkeypatch.setenv('DVA_URL_ALEXNET_LPIPS', fetch._join(fetch.os.environ['DVA_MIRROR'], 'missing.pth'))
-    code, out, err = run('--only', 'clip_vit_b16,alexnet_lpips,latent')
+    monkeypatch.setenv('DVA_URL_DATASETS', fetch._join(fetch.os.environ['DVA_MIRROR'], SRC['latent'].dest))  # no zip
+    code, out, err = run('--only', 'clip_vit_b16,alexnet_lpips,latent,datasets')
     assert code == 1 and 'downloaded checkpoints/diffusion_video_autoencoder/latent.pkl' in out
+    assert 'FAILED datasets/' in out and not (root / 'datasets.zip').exists()  # refetched next time
     assert 'FAILED pretrained_models/ViT-B-16.pt' in out and 'FAILED pretrained_models/alexnet' in out
-    assert 'error: 2 of 3 files' in err and 'missing.pth: download it to' in err
+    assert 'error: 3 of 4 files' in err and 'missing.pth: download it to' in err
     assert 'ViT-B-16.pt: download it to' in err
     assert not (root / SRC['clip_vit_b16'].dest).exists()  # a file that fails its hash is never given its name
 

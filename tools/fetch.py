@@ -203,7 +203,12 @@ def fetch(task: Task, root: Path, args: argparse.Namespace) -> tuple[str, str]:
     stale = [dest] if args.force or kind in ('file', 'files') else [root / task.rel] if kind == 'bz2' else []
     for path in stale:  # incomplete (or --force): pooch must not take it for done
         path.unlink(missing_ok=True)
-    out = pooch.retrieve(task.url, known, fname=dest.name, path=dest.parent, processor=processor, downloader=down)
+    try:
+        out = pooch.retrieve(task.url, known, fname=dest.name, path=dest.parent, processor=processor, downloader=down)
+    except Exception:
+        if kind in ('zip', 'bz2'):  # an archive that does not unpack is fetched again next time
+            dest.unlink(missing_ok=True)
+        raise
     status = 'resumed' if down.resumed else 'downloaded' if down.called else 'archive present'
     if kind in ('file', 'files'):
         return status, f'{dest.stat().st_size:,} bytes'
