@@ -302,7 +302,7 @@ def test_sound_follows_the_selected_frames(sample_video_dir: Path, test_videos_d
 
 
 def _ffmpeg() -> str:
-    """The ffmpeg program: Debian's (apt-get install ffmpeg), else imageio-ffmpeg's; skipped (CI: failed) if none."""
+    """The ffmpeg program: Debian's (apt-get install ffmpeg), else imageio-ffmpeg's (requirements-dev.txt)."""
     import os
     import shutil
 
@@ -314,8 +314,8 @@ def _ffmpeg() -> str:
             exe = imageio_ffmpeg.get_ffmpeg_exe()
         except (ImportError, RuntimeError):
             if os.environ.get('CI', '').lower() == 'true':
-                pytest.fail('the colour test needs the ffmpeg program (apt-get install ffmpeg)')
-            pytest.skip('no ffmpeg program')
+                pytest.fail('the colour test needs an ffmpeg program: pip install imageio-ffmpeg')
+            pytest.skip('no ffmpeg program (pip install imageio-ffmpeg)')
     return exe
 
 
