@@ -389,8 +389,11 @@ class VideoWriter:
             self._stream.pix_fmt = 'yuv420p'
             self._stream.codec_context.time_base = 1 / self.rate
             self._stream.options = {'crf': str(self.crf), 'preset': self.preset}
+            from av.video.reformatter import ColorPrimaries, ColorRange, ColorTrc
+
             cc = self._stream.codec_context  # the tags that say how the pixels below were converted
-            cc.color_primaries, cc.color_trc, cc.colorspace, cc.color_range = 1, 1, 1, 1  # BT.709 x3, limited
+            cc.color_primaries, cc.color_trc = ColorPrimaries.BT709, ColorTrc.BT709
+            cc.colorspace, cc.color_range = 1, ColorRange.MPEG  # AVCOL_SPC_BT709; limited ('tv') range
             if self.audio is not None:
                 self._astream = self._container.add_stream('aac', rate=self.audio.rate, layout=self.audio.layout)
         elif (w, h) != self._size:
