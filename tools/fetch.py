@@ -133,17 +133,26 @@ def complete(task: Task, root: Path) -> str:
     return 'complete, sha256 verified' if task.sha256 else 'present'
 
 
-def reachable(url: str, timeout: float, seen: dict[str, str]) -> str:
-    """'' when the host of `url` accepts a TCP connection, else why not; asked once per host (cached in `seen`)."""
+def host_of(url: str) -> tuple[str, int]:
     parts = urllib.parse.urlsplit(url)
-    host = f'{parts.hostname}:{parts.port or (443 if parts.scheme == "https" else 80)}'
-    if host not in seen:
+    return parts.hostname or '', parts.port or (443 if parts.scheme == 'https' else 80)
+
+
+def unreachable_hosts(urls: list[str], timeout: float) -> dict[tuple[str, int], str]:
+    """{host: why} for the hosts of `urls`, '' for those that accept a TCP connection; probed in parallel, so that
+    a machine without a route to them learns it in seconds, once per host."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def probe(host: tuple[str, int]) -> str:
         try:
-            socket.create_connection((parts.hostname, int(host.rsplit(':', 1)[1])), timeout=timeout).close()
-            seen[host] = ''
+            socket.create_connection(host, timeout=timeout).close()
+            return ''
         except OSError as e:
-            seen[host] = f'cannot reach {host} ({e}): check the network or use the mirror overrides'
-    return seen[host]
+            return f'cannot reach {host[0]}:{host[1]} ({e}): check the network or use the mirror overrides'
+
+    hosts = sorted({host_of(u) for u in urls})
+    with ThreadPoolExecutor(max(1, len(hosts))) as pool:
+        return dict(zip(hosts, pool.map(probe, hosts)))
 
 
 class GdownDownloader:
@@ -264,25 +273,27 @@ def main(argv: list[str] | None = None) -> int:
 
     pooch.get_logger().setLevel('WARNING')
     root = (args.root or Path(os.environ.get('DVA_ROOT') or ROOT)).expanduser().resolve()
-    hosts: dict[str, str] = {}
+    done = ['' if args.force else complete(t, root) for t in tasks]
+    hosts = {} if args.dry_run else unreachable_hosts([t.url for t, d in zip(tasks, done) if not d],
+                                                      min(args.timeout, 10.0))
     failures: dict[str, tuple[Task, str, int]] = {}  # per entry: a task, the first reason, files failed
-    for t in tasks:
+    reported = set()
+    for t, why in zip(tasks, done):
         rel = t.rel + ('/' if t.source.kind == 'zip' else '')
-        why = '' if args.force else complete(t, root)
         if why or args.dry_run:
             print(f'skipped {rel} ({why})' if why else f'pending {rel} (from {t.url})')
             continue
-        known_host, unreachable = len(hosts), ''
+        unreachable = hosts.get(host_of(t.url), '')
         try:
-            unreachable = reachable(t.url, args.timeout, hosts)
             if unreachable:
                 raise ConnectionError(unreachable)
             status, detail = fetch(t, root, args)
             print(f'{status} {rel} ({detail})')
         except Exception as e:  # noqa: BLE001 - gdown, requests, pooch and the disk raise many types: report all
             reason = unreachable.split(' (')[0] if unreachable else ' '.join(str(e).split())[:300] or type(e).__name__
-            if not unreachable or len(hosts) > known_host:  # an unreachable host is reported once
+            if not unreachable or unreachable not in reported:  # an unreachable host is reported once
                 print(f'FAILED {unreachable}' if unreachable else f'FAILED {rel} ({reason})')
+                reported.add(unreachable)
             first, first_reason, n = failures.get(t.source.name, (t, reason, 0))
             failures[t.source.name] = (first, first_reason, n + 1)
         sys.stdout.flush()
