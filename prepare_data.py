@@ -2,16 +2,11 @@
 
     python prepare_data.py raw_videos/ --out datasets/voxceleb1                       # 10% of the videos to test/
     python prepare_data.py a.mp4 frames/b/ --out datasets/mine --split train --every 2 --max_frames 300
-    python prepare_data.py held_out/ --out datasets/mine --split test                  # add a test split later
+    python prepare_data.py vox1_mp4/ --out datasets/vox --split_by 'id\\d+'              # whole identities per split
 
---split_by REGEX keeps videos whose paths hold the same folder (or file) name matching REGEX completely (e.g. 'id\\d+':
-one VoxCeleb identity) in one split, so that no person appears in both; --test_fraction then counts such groups.
-
-Every input is a video file, a frame folder, or a folder searched recursively for both (video_sources.py). Each video
-is aligned like the editing scripts do (faces.align_video, faces.crop_face) and written as
-ROOT/<split>/<video>/<frame name>.<png|jpg>; frame names are the input stems (folders) or '%06d' indices (videos).
-A re-run with the same --out resumes: completed videos are skipped, partial ones redone. ROOT/config.json holds the
-settings (a re-run must use the same ones, or --overwrite) and ROOT/manifest.json one record per video (data_prep.py).
+Inputs are video files, frame folders, or folders searched for both (video_sources.py). Each video is aligned as the
+editing scripts do and written as ROOT/<split>/<video>/<frame>.<png|jpg>; re-running with the same --out resumes
+(data_prep.py documents the layout, ROOT/config.json, ROOT/manifest.json and the resume and split rules).
 Exit status: 0 when every input was prepared or skipped for its content (no face, too few frames); 1 when an input
 failed or ROOT ends up without any video; 2 for command-line errors (including settings that differ from ROOT's).
 """
