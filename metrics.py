@@ -7,15 +7,15 @@ metric takes two [B,3,H,W] tensors in [0,1] (any float dtype, any device) and re
 |-----------|-------------------------------------------------------------------------------------------------------|
 | `mse`     | mean of squared differences over C, H, W                                                              |
 | `psnr`    | 10 log10(data_range^2 / mse); +inf for identical images                                               |
-| `ssim`    | Gaussian window (11, sigma 1.5), K1 0.01, K2 0.03, population covariance, SSIM map computed only     |
-|           | where the window fits (skimage's (win-1)/2 border crop), averaged over the map and the channels       |
-| `ms_ssim` | 5 scales, weights (0.0448, 0.2856, 0.3001, 0.2363, 0.1333), 2x average pooling between scales, relu  |
-|           | on cs and on the last SSIM, product per channel then mean over channels (pytorch-msssim's convention) |
+| `ssim`    | pytorch-msssim: Gaussian window (11, sigma 1.5), K1 0.01, K2 0.03, population covariance, mean of the |
+|           | SSIM map; border 'valid' (skimage's crop) or 'zero' (zero-padded 'same' map, the released eval's)    |
+| `ms_ssim` | pytorch-msssim: 5 scales, weights (0.0448, 0.2856, 0.3001, 0.2363, 0.1333), 2x average pooling,       |
+|           | relu on cs and on the last SSIM, product per channel then mean over channels; valid windows           |
 | `LPIPS`   | the `lpips` package, AlexNet v0.1; inputs in [0,1], mapped to [-1,1] internally                       |
 
-`ssim` equals `skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-data_range=1, channel_axis=-1)`. Note that the released DVA/diffae evaluation used a zero-padded 'same' SSIM map
-(pytorch-ssim style), which counts the border and gives slightly different numbers.
+`ssim(border='valid')` equals `skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5,
+use_sample_covariance=False, data_range=1, channel_axis=-1)`; `ssim(border='zero')` equals diffae's ssim.py, which the
+released DVA evaluation imports (it reads about 0.005 higher near 0.92: use it to compare with the paper's table).
 
 Temporal identity consistency (STIT, Tzaban et al. 2022): with e_i the L2-normalised identity embedding of frame i and
 s(i, j) = <e_i, e_j>, `tl_id` = mean_i s_edit(i, i+1) / s_src(i, i+1) and `tg_id` = mean over ordered pairs i != j of
@@ -68,100 +68,58 @@ def psnr(a: Tensor, b: Tensor, data_range: float = 1.0) -> Tensor:
     return 10.0 * torch.log10(data_range**2 / mse(a, b))
 
 
-def gaussian_window(window: int, sigma: float, *, like: Tensor | None = None) -> Tensor:
-    """Normalised 1-D Gaussian [window] centred on the middle tap (scipy's gaussian_filter with radius window // 2).
+SSIM_BORDERS = ('valid', 'zero')
 
-    `like` gives the device and dtype (default: float32 on the default device).
-    """
+
+def _check_window(a: Tensor, window: int, need: int) -> None:
     if window < 1 or window % 2 == 0:
         raise ValueError(f'the SSIM window must be a positive odd size, got {window}')
-    x = torch.arange(window, dtype=torch.float64) - (window - 1) / 2
-    g = torch.exp(-(x**2) / (2.0 * sigma**2))
-    g = g / g.sum()
-    return g if like is None else g.to(device=like.device, dtype=like.dtype)
+    if min(a.shape[-2:]) < need:
+        raise ValueError(f'SSIM with an {window}-pixel window needs images of at least {need}x{need}, '
+                         f'got {tuple(a.shape[-2:])}')
 
 
-def _blur_valid(x: Tensor, g: Tensor) -> Tensor:
-    """Separable Gaussian filter of every channel of x [B,C,H,W], 'valid' only: -> [B,C,H-k+1,W-k+1]."""
-    c, k = x.shape[1], g.numel()
-    x = F.conv2d(x, g.view(1, 1, 1, k).repeat(c, 1, 1, 1), groups=c)
-    return F.conv2d(x, g.view(1, 1, k, 1).repeat(c, 1, 1, 1), groups=c)
+def ssim(a: Tensor, b: Tensor, data_range: float = 1.0, window: int = 11, sigma: float = 1.5,
+         border: str = 'valid') -> Tensor:
+    """Per-image SSIM (Wang et al. 2004) from pytorch-msssim. a, b: [B,C,H,W] in [0, data_range] -> [B].
 
-
-def _ssim_and_cs(a: Tensor, b: Tensor, g: Tensor, data_range: float) -> tuple[Tensor, Tensor]:
-    """Mean SSIM and mean contrast-structure term per image and channel: a, b [B,C,H,W] -> ([B,C], [B,C]).
-
-    Local statistics use the Gaussian window g with population (not sample) covariance. The maps are computed only
-    where the whole window lies inside the image, i.e. skimage's SSIM map with its (win-1)/2 border cropped.
+    Gaussian window (size `window`, std `sigma`), K1 = 0.01, K2 = 0.03, population covariance; the mean of the SSIM
+    map over pixels and channels. `border` says where the map is computed:
+      'valid': only where the whole window lies inside the image (skimage's `structural_similarity(...,
+               gaussian_weights=True, use_sample_covariance=False)`, pytorch-msssim's own convention);
+      'zero':  at every pixel, the image zero-padded by window // 2 (diffae's ssim.py, which the released DVA
+               evaluation imports: conv2d(padding=window // 2)). Near SSIM 0.92 it reads about 0.005 higher.
     """
-    k = g.numel()
-    if min(a.shape[-2:]) < k:
-        raise ValueError(f'SSIM with an {k}-pixel window needs images of at least {k}x{k}, got {tuple(a.shape[-2:])}')
-    c = a.shape[1]
-    stats = _blur_valid(torch.cat([a, b, a * a, b * b, a * b], dim=1), g)
-    mu_a, mu_b, e_aa, e_bb, e_ab = stats.split(c, dim=1)
-    var_a = e_aa - mu_a * mu_a
-    var_b = e_bb - mu_b * mu_b
-    cov = e_ab - mu_a * mu_b
-    c1 = (0.01 * data_range) ** 2
-    c2 = (0.03 * data_range) ** 2
-    cs_map = (2 * cov + c2) / (var_a + var_b + c2)
-    ssim_map = (2 * mu_a * mu_b + c1) / (mu_a * mu_a + mu_b * mu_b + c1) * cs_map
-    return ssim_map.mean((2, 3)), cs_map.mean((2, 3))
+    from pytorch_msssim import ssim as ssim_valid
 
-
-def ssim(a: Tensor, b: Tensor, data_range: float = 1.0, window: int = 11, sigma: float = 1.5) -> Tensor:
-    """Per-image SSIM (Wang et al. 2004). a, b: [B,C,H,W] in [0, data_range] -> [B], 1 for identical images.
-
-    Gaussian window (size `window`, std `sigma`), K1 = 0.01, K2 = 0.03, mean over the valid SSIM map and channels;
-    equal to skimage's `structural_similarity(..., gaussian_weights=True, use_sample_covariance=False)`.
-    """
+    if border not in SSIM_BORDERS:
+        raise ValueError(f'border must be one of {SSIM_BORDERS}, got {border!r}')
     a, b = _pair(a, b)
-    s, _ = _ssim_and_cs(a, b, gaussian_window(window, sigma, like=a), data_range)
-    return s.mean(1)
+    _check_window(a, window, window if border == 'valid' else 1)
+    if border == 'zero':  # a 'valid' map of the zero-padded image is the zero-padded 'same' map
+        pad = (window // 2,) * 4
+        a, b = F.pad(a, pad), F.pad(b, pad)
+    return ssim_valid(a, b, data_range=data_range, size_average=False, win_size=window, win_sigma=sigma)
 
 
-def ms_ssim(
-    a: Tensor,
-    b: Tensor,
-    data_range: float = 1.0,
-    window: int = 11,
-    sigma: float = 1.5,
-    weights: Sequence[float] = MS_SSIM_WEIGHTS,
-) -> Tensor:
-    """Per-image multi-scale SSIM (Wang et al. 2003). a, b: [B,C,H,W] in [0, data_range] -> [B].
+def ms_ssim(a: Tensor, b: Tensor, data_range: float = 1.0, window: int = 11, sigma: float = 1.5,
+            weights: Sequence[float] = MS_SSIM_WEIGHTS) -> Tensor:
+    """Per-image multi-scale SSIM (Wang et al. 2003) from pytorch-msssim. a, b: [B,C,H,W] -> [B].
 
-    Scale j = 0..M-1 (M = len(weights)) halves the previous one by 2x2 average pooling (an odd side is padded by one,
-    count_include_pad, as pytorch-msssim does). MS-SSIM = mean_c prod_j relu(cs_j)^w_j, with the last factor the full
-    relu(SSIM)^w_{M-1} of the coarsest scale. The coarsest scale has ceil(side / 2^(M-1)) pixels, so the shorter side
-    must exceed (window - 1) * 2^(M-1) (160 px for 5 scales and an 11 window); smaller images raise ValueError:
-    pass a smaller odd `window` or fewer `weights`.
+    Scale j halves the previous one by 2x2 average pooling (odd sides padded); MS-SSIM = mean_c prod_j
+    relu(cs_j)^w_j, the last factor the full relu(SSIM) of the coarsest scale; valid windows. pytorch-msssim needs
+    the shorter side to exceed (window - 1) * 16 (160 px for an 11 window) whatever the number of weights;
+    smaller images raise ValueError: pass a smaller odd `window`.
     """
+    from pytorch_msssim import ms_ssim as ms_ssim_valid
+
     a, b = _pair(a, b)
-    levels = len(weights)
-    side = min(a.shape[-2:])
-    if levels < 1:
-        raise ValueError('ms_ssim needs at least one scale weight')
-    if side <= (window - 1) * 2 ** (levels - 1):
-        raise ValueError(
-            f'ms_ssim with {levels} scales and a {window}-pixel window needs the shorter image side to exceed '
-            f'{(window - 1) * 2 ** (levels - 1)} px, got {tuple(a.shape[-2:])}; '
-            'pass a smaller odd window or fewer weights'
-        )
-    g = gaussian_window(window, sigma, like=a)
-    w = torch.tensor(weights, dtype=a.dtype, device=a.device)
-    factors = []
-    for j in range(levels):
-        s, cs = _ssim_and_cs(a, b, g, data_range)
-        if j == levels - 1:
-            factors.append(torch.relu(s))
-        else:
-            factors.append(torch.relu(cs))
-            padding = (a.shape[2] % 2, a.shape[3] % 2)
-            a = F.avg_pool2d(a, kernel_size=2, padding=padding)
-            b = F.avg_pool2d(b, kernel_size=2, padding=padding)
-    per_channel = torch.prod(torch.stack(factors) ** w.view(-1, 1, 1), dim=0)
-    return per_channel.mean(1)
+    _check_window(a, window, 1)
+    if min(a.shape[-2:]) <= (window - 1) * 16:
+        raise ValueError(f'ms_ssim with a {window}-pixel window needs the shorter image side to exceed '
+                         f'{(window - 1) * 16} px, got {tuple(a.shape[-2:])}; pass a smaller odd window')
+    return ms_ssim_valid(a, b, data_range=data_range, size_average=False, win_size=window, win_sigma=sigma,
+                         weights=list(weights))
 
 
 def mean_metrics(per_image: Mapping[str, Tensor | Iterable[Tensor]]) -> dict[str, float]:
@@ -177,14 +135,14 @@ def mean_metrics(per_image: Mapping[str, Tensor | Iterable[Tensor]]) -> dict[str
 
 
 def reconstruction_metrics(
-    x0: Tensor, x0_hat: Tensor, lpips: LPIPS | None = None, with_ms_ssim: bool = True
+    x0: Tensor, x0_hat: Tensor, lpips: LPIPS | None = None, with_ms_ssim: bool = True, ssim_border: str = 'valid'
 ) -> dict[str, Tensor]:
     """The paper's reconstruction metrics for a batch. x0, x0_hat: [B,3,H,W] in [0,1] -> {name: [B]}.
 
-    Keys: mse, psnr, ssim, ms_ssim (unless `with_ms_ssim` is False, e.g. for images of 160 px or less) and lpips
-    (when an `LPIPS` module is given).
+    Keys: mse, psnr, ssim (with `ssim_border`, see `ssim`), ms_ssim (unless `with_ms_ssim` is False, e.g. for images
+    of 160 px or less) and lpips (when an `LPIPS` module is given).
     """
-    out = {'mse': mse(x0, x0_hat), 'psnr': psnr(x0, x0_hat), 'ssim': ssim(x0, x0_hat)}
+    out = {'mse': mse(x0, x0_hat), 'psnr': psnr(x0, x0_hat), 'ssim': ssim(x0, x0_hat, border=ssim_border)}
     if with_ms_ssim:
         out['ms_ssim'] = ms_ssim(x0, x0_hat)
     if lpips is not None:

@@ -2,7 +2,7 @@
 
     sources, problems = discover_inputs(['raw_videos/', 'extra/clip.mp4'], exclude='datasets/mine')
     names = video_names(sources)                                       # a_clip, b_clip, clip_mp4, ...
-    splits = assign_splits(names, 0.1, seed=0, groups=split_groups(sources, r'id\d+'))   # identities kept apart
+    splits = assign_splits(names, 0.1, seed=0, groups=split_groups(sources, r'id\\d+'))   # identities kept apart
 
 Pure standard library + numpy (no torch, no dlib): prepare_data.py's worker processes and tests import it cheaply.
 """
@@ -142,7 +142,7 @@ def video_names(sources: Sequence[str | os.PathLike]) -> list[str]:
 
 def split_groups(sources: Sequence[str | os.PathLike], pattern: str) -> list[str]:
     """The group of each source for `assign_splits`: the first folder or file name in the source's absolute path
-    that the regular expression `pattern` matches COMPLETELY (its first capture group, if it has one), e.g. r'id\d+'
+    that the regular expression `pattern` matches COMPLETELY (its first capture group, if it has one), e.g. r'id\\d+'
     for VoxCeleb's identity folders (id10001/<youtube id>/00001.mp4; 'vid1' does not match). A source with no such
     name is a group of its own (its path).
 

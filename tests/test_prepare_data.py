@@ -7,6 +7,7 @@ milliseconds; the tests marked by the `real_root` fixture run the real detector 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import prepare_data
+import data_prep
 from prepare_data import main
 from video_sources import assign_splits, discover_inputs, split_groups, video_names
 
@@ -36,8 +37,8 @@ class FakeDetector:
 
 @pytest.fixture
 def fake_dlib(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(prepare_data, 'make_detector', lambda pretrained_dir: FakeDetector())
-    monkeypatch.setattr(prepare_data, 'check_detector', lambda pretrained_dir: 'fake')
+    monkeypatch.setattr(data_prep, 'make_detector', lambda pretrained_dir: FakeDetector())
+    monkeypatch.setattr(data_prep, 'check_detector', lambda pretrained_dir: 'fake')
 
 
 def noise_frames(folder: Path, n: int, black: tuple[int, ...] = (), size: tuple[int, int] = (96, 72), seed: int = 0):
@@ -305,8 +306,8 @@ def real_inputs(sample_video_dir: Path, test_videos_dir: Path, tmp_path_factory)
     """talk/: 6 sample frames (1920x1080, frame 0003 blanked); sample_24f_540p.mp4; black/: 4 black frames."""
     pytest.importorskip('dlib')
     try:
-        prepare_data.check_detector('pretrained_models')
-    except SystemExit as e:
+        data_prep.check_detector('pretrained_models')
+    except (ImportError, FileNotFoundError) as e:
         pytest.skip(str(e))
     inputs = tmp_path_factory.mktemp('inputs')
     (inputs / 'talk').mkdir()
@@ -396,3 +397,74 @@ def test_real_workers_match_serial(real_root: Path, real_inputs: Path, tmp_path:
     assert manifest(root)['black']['status'] == 'no_face'
     for p in sorted((real_root / 'train' / 'sample_24f_540p').iterdir()):
         assert (root / 'train' / 'sample_24f_540p' / p.name).read_bytes() == p.read_bytes()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# data_prep's rules on their own (no detector, no main)
+
+
+def test_split_rules_hold_groups_and_warn_without_test(tmp_path: Path) -> None:
+    root = tmp_path / 'root'
+    sources = [tmp_path / person / f'{person}_{c}' for person in ('id1', 'id2', 'id3') for c in ('a', 'b')]
+    names = [s.name for s in sources]
+    assert data_prep.assign_splits(root, sources, names, split='test') == (['test'] * 6, None)
+    by_video, warning = data_prep.assign_splits(root, sources, names, test_fraction=0.5, seed=1)
+    assert by_video == assign_splits(names, 0.5, seed=1) and warning is None
+    grouped, _ = data_prep.assign_splits(root, sources, names, test_fraction=0.34, seed=1, split_by=r'id\d')
+    assert grouped == assign_splits(names, 0.34, seed=1, groups=split_groups(sources, r'id\d'))
+    # a group with a completed video in the root keeps that split, whatever the hash says now
+    other = 'train' if grouped[0] == 'test' else 'test'
+    (root / other / 'id1_b').mkdir(parents=True)
+    held, _ = data_prep.assign_splits(root, sources, names, test_fraction=0.34, seed=1, split_by=r'id\d')
+    assert held[:2] == [other, other] and held[2:] == grouped[2:]
+    # 3 videos and 10%: no test video, and the user is told
+    splits, warning = data_prep.assign_splits(root, sources[:3], names[:3], test_fraction=0.1)
+    assert splits == ['train'] * 3 and 'no test video' in warning and '3 videos' in warning
+    with pytest.raises(ValueError, match='matches no folder'):
+        data_prep.assign_splits(root, sources, names, split_by='nobody')
+
+
+def test_resume_rules_and_root_checks(tmp_path: Path) -> None:
+    root = tmp_path / 'root'
+    (root / 'test' / 'done').mkdir(parents=True)
+    (root / 'test' / 'done' / '0.png').write_bytes(b'')
+    (root / 'train' / '.partial_one.partial').mkdir(parents=True)
+    sources = [tmp_path / 'in' / n for n in ('done', 'partial_one', 'new')]
+    videos: dict = {}
+    jobs, skipped, notes = data_prep.plan_jobs(root, ['done', 'partial_one', 'new'], sources, ['train'] * 3, videos)
+    assert [j.name for j in jobs] == ['partial_one', 'new'] and skipped == 1  # a partial video is redone
+    assert videos['done'] == {'source': str(sources[0]), 'split': 'test', 'status': 'done', 'frames_written': 1}
+    assert notes == ['note: done is already prepared in test/ (this run would put it in train/); kept there']
+    _, _, notes = data_prep.plan_jobs(root, ['done'], [tmp_path / 'elsewhere'], ['test'], videos)
+    assert 'was prepared from' in notes[0]
+
+    settings = data_prep.image_settings(data_prep.Settings(str(root)))
+    with pytest.raises(data_prep.RootError, match='no config.json'):
+        data_prep.check_root(root, settings, overwrite=False)
+    assert data_prep.check_root(root, settings, overwrite=True) == {}
+    config = data_prep.root_config({}, data_prep.Settings(str(root)), {'seed': 0})
+    (root / 'config.json').write_text(json.dumps(config))
+    assert data_prep.check_root(root, settings, overwrite=False)['runs'] == [{'seed': 0}]
+    with pytest.raises(data_prep.RootError, match=r'size: 256 -> 64'):
+        data_prep.check_root(root, {**settings, 'size': 64}, overwrite=False)
+    (root / 'config.json').write_text('{')
+    with pytest.raises(data_prep.RootError, match='cannot read'):
+        data_prep.check_root(root, settings, overwrite=False)
+
+
+def test_truncated_video_is_recorded_and_reported(tmp_path: Path, test_videos_dir: Path, fake_dlib,
+                                                  capsys) -> None:
+    from test_video_io import truncated_copy
+
+    (tmp_path / 'in').mkdir()
+    truncated_copy(test_videos_dir / 'sample_24f_540p.mp4', tmp_path / 'in' / 'cut.mp4', 6)
+    assert run(tmp_path / 'in', '--out', tmp_path / 'root', '--split', 'train', '--min_frames', '1') == 0
+    rec = manifest(tmp_path / 'root')['cut']
+    assert rec['status'] == 'done' and rec['frames_written'] == 6
+    assert rec['decode'] == {'frames_expected': 24, 'frames_decoded': 6, 'truncated': True}
+    assert 'declares 24 frames but only 6 decode' in rec['warning']
+    assert 'warning: cut' in capsys.readouterr().err
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ('manifest.json', 'config.json'):  # the usual mode, not mkstemp's 0600
+        assert (tmp_path / 'root' / name).stat().st_mode & 0o777 == 0o666 & ~umask

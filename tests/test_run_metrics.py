@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+import evaluation
+import reporting
 import run_metrics
 import templates
 from metrics import ALEXNET_FILE
@@ -105,17 +107,13 @@ def _recon_args(root: Path, ckpt: Path, out: Path, *extra: str) -> list[str]:
 # Selection helpers
 
 
-def test_choose_videos_and_select_frames() -> None:
+def test_choose_videos() -> None:
     names = [f'v{i}' for i in range(30)]
-    a = run_metrics.choose_videos(names, 20, seed=0)
-    assert a == run_metrics.choose_videos(list(reversed(names)), 20, seed=0)  # input order does not matter
+    a = evaluation.choose_videos(names, 20, seed=0)
+    assert a == evaluation.choose_videos(list(reversed(names)), 20, seed=0)  # input order does not matter
     assert len(set(a)) == 20 and set(a) <= set(names) and a == sorted(a)
-    assert a != run_metrics.choose_videos(names, 20, seed=1)
-    assert run_metrics.choose_videos(names[:3], 20, seed=0) == sorted(names[:3])
-    frames = [Path(f'{i}.png') for i in range(10)]
-    assert run_metrics.select_frames(frames, None) == frames
-    assert run_metrics.select_frames(frames, 3) == [frames[0], frames[4], frames[9]]  # round(4.5) -> 4
-    assert run_metrics.select_frames(frames, 50) == frames
+    assert a != evaluation.choose_videos(names, 20, seed=1)
+    assert evaluation.choose_videos(names[:3], 20, seed=0) == sorted(names[:3])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -125,7 +123,7 @@ def test_choose_videos_and_select_frames() -> None:
 def test_recon_end_to_end(aligned_root: Path, tiny_ckpt: Path, tmp_path: Path) -> None:
     out = tmp_path / 'recon'
     res = run_metrics.main(_recon_args(aligned_root, tiny_ckpt, out, '--num_videos', '5', '--random_lpips'))
-    for name in run_metrics.OUTPUT_FILES:
+    for name in reporting.OUTPUT_FILES:
         assert (out / name).is_file(), name
     assert (out / 'plot.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     mean = res['mean']
@@ -155,7 +153,7 @@ def test_recon_end_to_end(aligned_root: Path, tiny_ckpt: Path, tmp_path: Path) -
     # the run is deterministic: one video, its first and last frames, replacing the earlier report
     res2 = run_metrics.main(_recon_args(aligned_root, tiny_ckpt, out, '--num_videos', '1', '--seed', '3',
                                         '--frames_per_video', '2', '--no_lpips', '--overwrite'))
-    (video,) = run_metrics.choose_videos(['vid_a', 'vid_b'], 1, seed=3)
+    (video,) = evaluation.choose_videos(['vid_a', 'vid_b'], 1, seed=3)
     frames2 = _read_csv(out / 'frames.csv')
     assert [(r['video'], r['frame']) for r in frames2] == [(video, '0000.png'), (video, '0002.png')]
     assert 'lpips' not in res2['mean'] and 'skipped (--no_lpips)' in (out / 'report.md').read_text()
@@ -167,11 +165,29 @@ def test_recon_end_to_end(aligned_root: Path, tiny_ckpt: Path, tmp_path: Path) -
 def test_recon_compares_against_the_inputs(aligned_root: Path, tiny_ckpt: Path, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """With a perfect reconstruction every metric is at its optimum: the inputs are what is compared."""
-    monkeypatch.setattr(run_metrics, 'reconstruct', lambda rt, crops: crops.clone())
+    monkeypatch.setattr(evaluation, 'reconstruct', lambda rt, crops: crops.clone())
     res = run_metrics.main(_recon_args(aligned_root, tiny_ckpt, tmp_path / 'r', '--random_lpips'))
     assert res['mean']['mse'] == 0 and res['mean']['ssim'] == pytest.approx(1, abs=1e-6)
     assert res['mean']['lpips'] == pytest.approx(0, abs=1e-6) and math.isinf(res['mean']['psnr'])
     assert '| PSNR (dB) ↑ | inf |' in (tmp_path / 'r' / 'report.md').read_text()
+
+
+def test_recon_ssim_border(aligned_root: Path, tiny_ckpt: Path, tmp_path: Path,
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """--ssim_border zero reaches metrics.ssim for every frame (not the default 'valid'), and the report says so."""
+    from metrics import ssim
+
+    monkeypatch.setattr(evaluation, 'reconstruct', lambda rt, crops: (crops * 0.8).flip(-1))
+    out = tmp_path / 'zero'
+    run_metrics.main(_recon_args(aligned_root, tiny_ckpt, out, '--no_lpips', '--ssim_border', 'zero'))
+    got = [float(r['ssim']) for r in _read_csv(out / 'frames.csv')][:3]
+    assert 'SSIM border: zero' in (out / 'report.md').read_text()
+    assert json.loads((out / 'config.json').read_text())['ssim_border'] == 'zero'
+    assert all((out / f).stat().st_mode & 0o077 for f in reporting.OUTPUT_FILES)  # not 0600: others may read
+    crops = evaluation.load_crops(sorted((aligned_root / 'test' / 'vid_a').iterdir()), 32)
+    a, b = (crops + 1) / 2, ((crops * 0.8).flip(-1) + 1) / 2
+    assert got == pytest.approx(ssim(a, b, border='zero').tolist(), abs=1e-5)
+    assert got != pytest.approx(ssim(a, b).tolist(), abs=1e-3)
 
 
 def test_recon_errors(aligned_root: Path, tiny_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -244,9 +260,7 @@ def test_consistency_arcface(source_dir: Path, edit_dir: Path, tiny_model, tiny_
     assert (tmp_path / 'random' / 'plot.png').is_file()
 
     # --checkpoint: the EMA identity encoder of a DVA checkpoint, i.e. exactly the model's idnet
-    args = run_metrics.build_parser().parse_args(_cons_args(src, edit, tmp_path / 'c', '--checkpoint', str(tiny_ckpt),
-                                                            '--template', 'tiny'))
-    net, source = run_metrics._identity_network(args)
+    net, source = evaluation.identity_network('tiny', checkpoint=str(tiny_ckpt))
     expected = tiny_model.encoder.idnet.state_dict()
     assert net.state_dict().keys() == expected.keys()
     assert all(torch.equal(v, expected[k]) for k, v in net.state_dict().items())
@@ -280,7 +294,7 @@ def test_consistency_errors(source_dir: Path, face_crops, tmp_path: Path) -> Non
     (tmp_path / 'dup' / '0000.jpg').write_bytes((tmp_path / 'dup' / '0000.png').read_bytes())
     with pytest.raises(SystemExit, match="two files share the name '0000'"):
         run_metrics.main(_cons_args(source_dir, tmp_path / 'dup', out, '--random_encoder'))
-    with pytest.raises(SystemExit, match='do not apply to --embedder dlib'):
+    with pytest.raises(SystemExit, match='not for --embedder dlib'):
         run_metrics.main(_cons_args(source_dir, source_dir, out, '--embedder', 'dlib', '--random_encoder'))
     with pytest.raises(SystemExit, match='model_ir_se50.pth'):
         run_metrics.main(_cons_args(source_dir, source_dir, out, '--pretrained_dir', str(tmp_path)))

