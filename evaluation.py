@@ -3,7 +3,7 @@ identity consistency (TL-ID / TG-ID) of an edit. `run_metrics.py` is its command
 
     videos = dict(dataset.list_videos('datasets/voxceleb1', 'test'))
     chosen = choose_videos(list(videos), 20, seed=0)
-    result = evaluate_recon(rt, {v: videos[v] for v in chosen}, lpips, ssim_border='zero')  # rt: a Runtime
+    result = evaluate_recon(editor, {v: videos[v] for v in chosen}, lpips, ssim_border='zero')  # an Editor
     pairs = match_frames('run/crops', 'run/Mustache_0.30/blend')
     scores = consistency_scores(embed_files(embedder, [p[1] for p in pairs]),
                                 embed_files(embedder, [p[2] for p in pairs]))
@@ -69,18 +69,16 @@ def load_crops(paths: Sequence[Path], image_size: int) -> Tensor:
     return torch.stack([image_to_tensor(load_rgb(p), image_size) for p in paths])
 
 
-def reconstruct(rt: Any, crops: Tensor) -> Tensor:
-    """The paper's reconstruction of one video: crops [N,3,S,S] in [-1,1] -> x0_hat [N,3,S,S] in [-1,1] (CPU).
+def reconstruct(editor: Any, crops: Tensor) -> Tensor:
+    """The paper's reconstruction of one video: crops [N,3,S,S] in [-1,1] (8-bit levels) -> x0_hat [N,3,S,S] in
+    [-1,1] (CPU float).
 
-    Identity = mean of the per-frame identity features (as the editing pipeline does, not re-normalised); every frame
-    is DDIM-inverted with T - 1 network calls and rendered back with T calls (rt.T), both conditioned on
-    z_face(averaged identity, the frame's own landmarks). `rt` is an editing.pipeline.Runtime.
-    """
-    from editing import core
-
-    id_feats, lnd = core.encode_frames(rt.model, crops, rt.batch_size, rt.device, rt.progress)
-    z = core.z_faces(rt.model, core.average_identity(id_feats), lnd, rt.device)
-    return rt.render(rt.invert(crops, z), z, 'reconstruct')
+    Through the editing API (`editing.api.Editor`), exactly as the editors do it: identity = mean of the per-frame
+    identity features (not re-normalised); every frame DDIM-inverted with T - 1 network calls and rendered back with
+    T calls, both conditioned on z_face(averaged identity, the frame's own landmarks)."""
+    frames = list(((crops + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    video = editor.encode(frames, aligned=True)
+    return editor.render(video, video.identity, 'reconstruct', keep_float=True).x0.float()
 
 
 @torch.no_grad()
@@ -99,9 +97,9 @@ def frame_metrics(x0: Tensor, x0_hat: Tensor, lpips: nn.Module | None, with_ms_s
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
-def evaluate_recon(rt: Any, frames: Mapping[str, Sequence[Path]], lpips: nn.Module | None = None,
+def evaluate_recon(editor: Any, frames: Mapping[str, Sequence[Path]], lpips: nn.Module | None = None,
                    ssim_border: str = 'valid', progress: bool = False) -> dict[str, Any]:
-    """Reconstruct every video of `frames` ({video: frame files}) with `rt` and measure it.
+    """Reconstruct every video of `frames` ({video: frame files}) with `editor` (an editing.api.Editor) and measure it.
 
     Returns {'per_frame': [{video, frame, <metric>...}], 'per_video': [{video, frames, <metric>...}], 'names': the
     metrics computed (RECON_METRICS order), 'mean' (over all frames), 'video_mean' (over per-video means),
@@ -109,13 +107,14 @@ def evaluate_recon(rt: Any, frames: Mapping[str, Sequence[Path]], lpips: nn.Modu
     """
     from tqdm.auto import tqdm
 
-    size = rt.image_size
+    size = editor.image_size
     with_ms_ssim = size >= MS_SSIM_MIN_SIZE
     start = time.perf_counter()
     per_frame, per_video = [], []
     for video in tqdm(list(frames), desc='videos', disable=not progress):
         crops = load_crops(frames[video], size)
-        m = frame_metrics(crops, reconstruct(rt, crops), lpips, with_ms_ssim, rt.batch_size, rt.device, ssim_border)
+        m = frame_metrics(crops, reconstruct(editor, crops), lpips, with_ms_ssim, editor.batch_size, editor.device,
+                          ssim_border)
         per_frame += [{'video': video, 'frame': p.name, **{k: float(t[i]) for k, t in m.items()}}
                       for i, p in enumerate(frames[video])]
         per_video.append({'video': video, 'frames': len(crops), **{k: float(t.mean()) for k, t in m.items()}})

@@ -18,27 +18,36 @@ import reporting
 
 
 def run_recon(args: argparse.Namespace) -> dict[str, Any]:
-    from editing.pipeline import Runtime, check_T
-    from editing.runner import load_ema_model
-    from editing.speed import micro_batch_size
+    from config import EditConfig
+    from editing.api import Editor, EditError, check_T, load_model
 
-    check_T(args.T)
+    try:
+        check_T(args.T)
+    except EditError as e:
+        raise SystemExit(str(e)) from None
     available, frames = ev.select_videos(args.data, args.split, args.num_videos, args.seed, args.frames_per_video)
     reporting.check_out(args.out, args.overwrite)
-    device = cli.resolve_device(args.device)
     lpips, lpips_source = ev.load_lpips('none' if args.no_lpips else 'random' if args.random_lpips else 'pretrained',
                                         args.lpips_dir)
-    ckpt, model, cfg, meta = load_ema_model(args)
+    # the reconstruction runs as the editors run it, through the editing API (scratch cache, removed at the end)
+    edit_cfg = EditConfig(checkpoint=args.checkpoint, template=args.template, trust_checkpoint=args.trust_checkpoint,
+                          T=args.T, batch_size=args.batch_size, device=args.device, precision=args.precision,
+                          quiet=args.quiet, no_cache=True)
+    try:
+        ckpt, model, cfg, meta = load_model(edit_cfg)
+    except EditError as e:
+        raise SystemExit(str(e)) from None
     out = reporting.prepare_out(args.out, args.overwrite)
-    cli.set_cpu_threads()
-    S = cfg.unet.image_size
-    rt = Runtime(model.to(device), ckpt, device, args.T, args.batch_size, args.precision, progress=not args.quiet,
-                 micro_batch=micro_batch_size(device, S))  # as the editing scripts run it
+    editor = Editor(edit_cfg, model=model, checkpoint=str(ckpt))
+    device, S = editor.device, cfg.unet.image_size
     print(f'{len(frames)} of {available} videos (seed {args.seed}), {sum(map(len, frames.values()))} frames, '
           f'T={args.T}, {S}x{S}, device {device}; checkpoint {ckpt}')
     if lpips is not None:
         lpips.to(device)
-    result = ev.evaluate_recon(rt, frames, lpips, args.ssim_border, progress=not args.quiet)
+    try:
+        result = ev.evaluate_recon(editor, frames, lpips, args.ssim_border, progress=not args.quiet)
+    finally:
+        editor.close()
     settings = {'checkpoint': str(ckpt), 'global_step': meta.get('global_step'), 'config': cfg.name, 'image_size': S,
                 'T': args.T, 'network_calls_per_frame': 2 * args.T - 1, 'data': str(args.data), 'split': args.split,
                 'seed': args.seed, 'num_videos': args.num_videos, 'videos': list(frames), 'videos_available': available,

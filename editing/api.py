@@ -181,6 +181,13 @@ class Rendered:
         """[N,S,S,3] uint8 rendered crops."""
         return self.arrays.read('render')
 
+    @property
+    def x0(self) -> Tensor:
+        """[N,3,S,S] the renders in [-1,1] before rounding (only for renders made with keep_float)."""
+        if 'render_float' not in self.arrays:
+            raise EditError(f'{self.name} was rendered without keep_float: only its 8-bit crops are stored')
+        return torch.from_numpy(self.arrays.read('render_float'))
+
 
 def open_source(source: Any):
     """A frame source from a path spec {'path', 'start', 'end', 'max_num'} or in-memory frames."""
@@ -206,19 +213,21 @@ def fingerprint(source) -> str:
 
 
 def load_model(cfg: EditConfig):
-    """(checkpoint path, EMA autoencoder in eval mode on CPU, DVAConfig) for cfg.checkpoint / cfg.template."""
+    """(checkpoint path, EMA autoencoder in eval mode on CPU, DVAConfig, checkpoint metadata such as global_step)
+    for cfg.checkpoint / cfg.template."""
     import templates
     from model.pretrained import WeightsError, load_dva
 
     ckpt = resolve_checkpoint(cfg.checkpoint)
     try:
-        model, dva_cfg, _ = load_dva(ckpt, templates.get_preset(cfg.template), which='ema', trust=cfg.trust_checkpoint)
+        model, dva_cfg, meta = load_dva(ckpt, templates.get_preset(cfg.template), which='ema',
+                                        trust=cfg.trust_checkpoint)
     except WeightsError as e:
         raise EditError(f'{e}\n(checkpoints without a stored config are read with --template {cfg.template}; '
                         f'choose the preset they were trained with: {", ".join(sorted(templates.PRESETS))})'
                         if 'key' in str(e).lower() else str(e)) from None
     check_T(cfg.T, dva_cfg.diffusion.num_timesteps)
-    return ckpt, model, dva_cfg
+    return ckpt, model, dva_cfg, meta
 
 
 def resolve_checkpoint(path: str | None) -> Path:
@@ -258,7 +267,7 @@ class Editor:
         if cfg.precision == 'fp64' and self.device.type == 'mps':
             raise EditError('--precision fp64 runs on CPU or CUDA')
         if model is None:
-            ckpt, model, _ = load_model(cfg)
+            ckpt, model, _, _ = load_model(cfg)
         else:
             ckpt = Path(checkpoint or cfg.checkpoint or 'in-memory')
         self.checkpoint = ckpt
@@ -333,7 +342,8 @@ class Editor:
         a = self.cache.entry('align', akey)
         hits = {'align': a.complete}
         if not a.complete:
-            factory = None if aligned else lambda: DlibDetector(pretrained_dir=cfg.pretrained_dir)
+            factory = None if aligned else lambda: DlibDetector(pretrained_dir=cfg.pretrained_dir,
+                                                                max_upsample=cfg.max_upsample)
             with self._run('align', a.arrays, 'crops', len(source)):
                 try:
                     pipeline.align(source, factory, a.arrays, S, cfg.center_sigma, cfg.xy_sigma, self.progress,
@@ -407,17 +417,18 @@ class Editor:
         return core.finish_identity(direction.apply(video.identity, scale), video.identity, self.cfg.edit_norm)
 
     def render(self, video: EncodedVideo, identity: Tensor, name: str = 'render',
-               settings: dict[str, Any] | None = None) -> Rendered:
+               settings: dict[str, Any] | None = None, keep_float: bool | None = None) -> Rendered:
         """Every frame rendered from its x_T with `identity` [1,512] and its own landmarks (on disk, resumable, and
         cached: the same identity is rendered once)."""
+        keep_float = self.cfg.precision == 'fp64' if keep_float is None else keep_float
         digest = hashlib.sha256(identity.detach().double().cpu().contiguous().numpy().tobytes()).hexdigest()
         key = make_key(encode=video.key, identity=digest, decoder=self.cfg.decoder, steps=self.cfg.decoder_steps,
-                       spacing=self.cfg.decoder_spacing)
+                       spacing=self.cfg.decoder_spacing, keep_float=keep_float)
         entry = self.cache.entry('render', key)
         if not entry.complete:
             with self._run('render', entry.arrays, 'render', len(video)):
                 pipeline.render(self.sampler, video.arrays, identity, entry.arrays, self.batch_size, f'render {name}',
-                                self.progress, self.log, keep_float=self.cfg.precision == 'fp64')
+                                self.progress, self.log, keep_float)
             entry.commit({'name': name, 'encode': video.key})
         return Rendered(name, identity, entry.arrays, dict(settings or {}), key)
 
