@@ -4,11 +4,13 @@
         --scale 1.0 --clip_weights pretrained_models/ViT-B-16.pt
 
 The found direction is saved under <out>/directions/ (named by every setting that determines it) and reused by later
-runs with the same settings, so a new --scale costs one DDIM render per frame and no optimisation.
+runs with the same settings, so a new --scale costs one DDIM render per frame and no optimisation. Under torchrun the
+direction is searched once (rank 0) and shared.
 """
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 from editing import flags
 
@@ -16,31 +18,47 @@ OUT_ROOT = 'editing_CLIP'
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = flags.to_config(flags.parser(__doc__.splitlines()[0], OUT_ROOT, 'clip').parse_args(argv))
-    out = flags.out_root(cfg, OUT_ROOT)
+    args = flags.parser(__doc__.splitlines()[0], OUT_ROOT, 'clip').parse_args(argv)
+    cfg = flags.to_config(args)
+    outputs = flags.outputs_of(args.videos, cfg, OUT_ROOT)
     editor: list = []
 
     def edit() -> dict:
-        from editing import clip_search
-        from editing.api import Editor, scale_name
+        from editing import clip_search, distributed
+        from editing.api import Editor, fingerprint, scale_name
 
         weights = None if cfg.direction or cfg.random_clip else cfg.clip_weights
-        flags.preflight(cfg, out, [('--clip_weights', weights), ('--direction', cfg.direction)])
-        editor.append(Editor(cfg))
+        flags.preflight(cfg, outputs, [('--clip_weights', weights), ('--direction', cfg.direction)])
+        ranks = distributed.from_env(cfg.device)
+        one = len(outputs) == 1
+        editor.append(Editor(replace(cfg, device=distributed.rank_device(cfg.device, ranks)),
+                             ranks=ranks if one else distributed.Ranks()))
         ed = editor[0]
-        _, source = ed.open()
-        settings = clip_search.settings_of(ed, list(source.names), cfg)
-        tag = clip_search.direction_path(out, cfg, settings).stem if not cfg.direction else \
-            f'{cfg.attribute[0]}_{clip_search.Path(cfg.direction).stem}'
-        names = [f'{tag}_scale{scale_name(s)}' for s in cfg.scale]
-        ed.check_outputs(out, names)  # before any heavy work
-        video = ed.encode()
-        direction = ed.clip_direction(video, out)
-        edits = [ed.edit(video, direction, s, name) for s, name in zip(cfg.scale, names)]
-        recon = ed.reconstruct(video) if cfg.save_recon else None
-        summary = ed.write(video, edits, out, recon, {'command': flags.command('editing_CLIP.py', argv)})
-        flags.report(summary, out, ed.log)
-        return summary
+
+        def names(path: str, out) -> list[str]:
+            if cfg.direction:
+                tag = f'{cfg.attribute[0]}_{clip_search.Path(cfg.direction).stem}'
+            else:
+                _, source = ed.open(path)
+                settings = clip_search.settings_of(ed, list(source.names), cfg, fingerprint(source))
+                tag = clip_search.direction_path(out, cfg, settings).stem
+            return [f'{tag}_scale{scale_name(s)}' for s in cfg.scale]
+
+        for path, out in outputs:  # before any heavy work
+            ed.check_outputs(out, names(path, out))
+
+        def edit_video(path: str, out) -> dict:
+            folders = names(path, out)
+            video = ed.encode(path)
+            direction = ed.clip_direction(video, out)
+            edits = [ed.edit(video, direction, s, name) for s, name in zip(cfg.scale, folders)]
+            recon = ed.reconstruct(video) if cfg.save_recon else None
+            summary = ed.write(video, edits, out, recon, {'command': flags.command('editing_CLIP.py', argv)})
+            if ed.ranks.main:
+                flags.report(summary, out, ed.log)
+            return summary
+
+        return flags.for_each_video(outputs, edit_video, ranks, outputs[0][1].parent, ed.log)
 
     return flags.run(edit, editor)
 

@@ -471,12 +471,8 @@ def align_video(
     progress: bool = True,
     keep_landmarks: bool = True,
 ) -> Alignment:
-    """Detect, track and align one face through a video (dva_spec.md section 6 steps 2-4, defect 15 fixed).
-
-    Per frame: run `detector`; with several faces keep the one whose quad centre is nearest to the last tracked face
-    (the largest face in the first frame with a face). Frames without a face get their quad parameters (c, x, y)
-    linearly interpolated from the neighbouring frames with a face (held constant before the first and after the
-    last one) and are listed in `missing`. The parameters are then smoothed over time by `smooth_quads`.
+    """Detect, track and align one face through a video (dva_spec.md section 6 steps 2-4, defect 15 fixed):
+    `track_faces(detect_faces(...))`.
 
     Args:
         frames: RGB uint8 [H, W, 3] arrays, e.g. a `video_io.FrameSource` (its `names` are recorded).
@@ -489,23 +485,54 @@ def align_video(
         NoFaceError: no frame has a face; the message says what the detector tried when it has a
             `describe(width, height)` method (as `DlibDetector` does).
     """
+    faces, tried = detect_faces(frames, detector, progress=progress)
+    names = list(frames.names) if hasattr(frames, 'names') else None
+    return track_faces(faces, center_sigma, xy_sigma, keep_landmarks, names, tried)
+
+
+def detect_faces(frames: Iterable[np.ndarray], detector: Detector, which: Iterable[int] | None = None,
+                 progress: bool = True) -> tuple[list[list[np.ndarray] | None], str]:
+    """Every face's 68 landmarks in each frame: ([faces of frame i (maybe []), or None for frames not in `which`],
+    what the detector tried, for error messages). `which`: the frame indices to detect on (default all), so that
+    processes can share a video's detection work (`track_faces` then takes the merged lists)."""
     from tqdm.auto import tqdm
 
     total = len(frames) if hasattr(frames, '__len__') else None
+    which = None if which is None else set(which)
+    out: list[list[np.ndarray] | None] = []
+    size = None
+    # disable=None: tqdm shows no bar when stderr is not a terminal (a log file would get its carriage returns)
+    bar = tqdm(total=total if which is None else len(which), desc='aligning faces', unit='frame',
+               disable=None if progress else True)
+    for i, rgb in enumerate(frames):
+        if which is not None and i not in which:
+            out.append(None)
+            continue
+        size = (rgb.shape[1], rgb.shape[0])
+        out.append([np.asarray(f, dtype=np.float64) for f in detector(rgb)])
+        bar.update()
+    bar.close()
+    describe = getattr(detector, 'describe', None)
+    return out, describe(*size) if callable(describe) and size is not None else ''
+
+
+def track_faces(faces: list[list[np.ndarray] | None], center_sigma: float = 1.0, xy_sigma: float = 3.0,
+                keep_landmarks: bool = True, names: list[str] | None = None, tried: str = '') -> Alignment:
+    """The smoothed face track of per-frame detections (`detect_faces`; None or [] = no face in that frame).
+
+    With several faces, keep the one whose quad centre is nearest to the last tracked face (the largest face in the
+    first frame with a face). Frames without a face get their quad parameters (c, x, y) linearly interpolated from
+    the neighbouring frames with a face (held constant before the first and after the last one) and are listed in
+    `missing`. The parameters are then smoothed over time by `smooth_quads`."""
     params: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] = []
     landmarks: list[np.ndarray | None] = []
     prev_center = None
-    size = None
-    # disable=None: tqdm shows no bar when stderr is not a terminal (a log file would get its carriage returns)
-    bar = tqdm(frames, total=total, desc='aligning faces', unit='frame', disable=None if progress else True)
-    for rgb in bar:
-        size = (rgb.shape[1], rgb.shape[0])
-        faces = detector(rgb)
-        if not faces:
+    for found_faces in faces:
+        if not found_faces:
             params.append(None)
             landmarks.append(None)
             continue
-        lm = np.asarray(faces[_pick_face(faces, prev_center)], dtype=np.float64)
+        lm = found_faces[_pick_face(found_faces, prev_center)]
         p = landmarks_to_quad_params(lm)
         prev_center = p[0]
         params.append(p)
@@ -513,9 +540,7 @@ def align_video(
     n = len(params)
     found = [i for i, p in enumerate(params) if p is not None]
     if not found:
-        describe = getattr(detector, 'describe', None)
-        tried = f' ({describe(*size)})' if callable(describe) and size is not None else ''
-        raise NoFaceError(f'no face found in any of the {n} frames{tried}')
+        raise NoFaceError(f'no face found in any of the {n} frames' + (f' ({tried})' if tried else ''))
     missing = [i for i, p in enumerate(params) if p is None]
     cxy = np.full((n, 3, 2), np.nan)
     cxy[found] = np.array([np.stack(params[i]) for i in found])
@@ -529,5 +554,4 @@ def align_video(
         lms = np.full((n, 68, 2), np.nan)
         for i in found:
             lms[i] = landmarks[i]
-    names = list(frames.names) if hasattr(frames, 'names') else None
     return Alignment(quads=quads, landmarks=lms, missing=missing, names=names)

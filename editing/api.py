@@ -30,7 +30,7 @@ from torch import Tensor
 
 import cli
 from config import CELEBA_ATTRIBUTES, EditConfig, to_dict
-from editing import core, pipeline
+from editing import core, distributed, pipeline
 from editing.cache import DEFAULT_CACHE, Arrays, Cache, file_stamp, hash_files, make_key
 
 FORMAT = 2  # of the cache entries and saved videos; part of every key
@@ -91,6 +91,7 @@ class EncodedVideo:
     arrays: Arrays
     key: str
     cache_hits: dict[str, bool] = field(default_factory=dict)
+    content: str = ''  # `fingerprint` of the source frames
 
     def __len__(self) -> int:
         return len(self.names)
@@ -145,7 +146,7 @@ class EncodedVideo:
                     shutil.copyfile(f, tmp / f.name)
         source = self.source if isinstance(self.source, dict) else None
         cli.write_json(tmp / 'video.json', {'format': FORMAT, 'names': self.names, 'missing': self.missing,
-                                            'source': source, 'key': self.key})
+                                            'source': source, 'key': self.key, 'content': self.content})
         os.replace(tmp, path)
         return path
 
@@ -159,7 +160,7 @@ class EncodedVideo:
         if meta.get('format') != FORMAT:
             raise EditError(f'{path} was saved in format {meta.get("format")}, this version reads {FORMAT}: encode again')
         arrays = Arrays(path)
-        return cls(meta['names'], meta['missing'], meta['source'], arrays, arrays, meta['key'])
+        return cls(meta['names'], meta['missing'], meta['source'], arrays, arrays, meta['key'], {}, meta['content'])
 
     def frames(self):
         """The source frames again (decoded anew), as RGB uint8 [H,W,3]."""
@@ -258,12 +259,14 @@ class Editor:
     cfg.checkpoint. `progress(stage, done, total)`-style display is tqdm (`DVA` bars); `on_stage(name)` is called as
     each stage starts (for UIs)."""
 
-    def __init__(self, cfg: EditConfig, model: torch.nn.Module | None = None, checkpoint: str | None = None) -> None:
+    def __init__(self, cfg: EditConfig, model: torch.nn.Module | None = None, checkpoint: str | None = None,
+                 ranks: distributed.Ranks | None = None) -> None:
         from editing.speed import auto_batch_size, micro_batch_size, optimize_for_inference
 
         self.cfg = cfg
         check_T(cfg.T)
-        self.device = cli.resolve_device(cfg.device)
+        self.ranks = ranks if ranks is not None else distributed.from_env(cfg.device)
+        self.device = cli.resolve_device(distributed.rank_device(cfg.device, self.ranks))
         if cfg.precision == 'fp64' and self.device.type == 'mps':
             raise EditError('--precision fp64 runs on CPU or CUDA')
         if model is None:
@@ -279,7 +282,10 @@ class Editor:
         self.model = optimize_for_inference(model, self.device, channels_last=cfg.channels_last, compile=cfg.compile)
         self.sampler = core.Sampler(self.model, cfg.T, cfg.precision, micro_batch_size(self.device, S),
                                     cfg.decoder, cfg.decoder_steps, cfg.decoder_spacing)
-        self.cache = Cache(None if cfg.no_cache else (cfg.cache_dir or DEFAULT_CACHE))
+        self.cache = Cache(None if cfg.no_cache else (cfg.cache_dir or DEFAULT_CACHE), self.ranks.rank)
+        if self.ranks.enabled and not self.cache.enabled:  # the ranks share one scratch folder
+            scratch = self.ranks.broadcast(str(self.cache.folder) if self.ranks.main else None)
+            self.cache._scratch = Path(scratch)
         self.timer = pipeline.StageTimer()
         self.stage: tuple[str, Arrays, str, int] | None = None  # what is running: for "N of M frames done"
 
@@ -297,6 +303,12 @@ class Editor:
     def _run(self, what: str, arrays: Arrays, stage: str, n: int):
         self.stage = (what, arrays, stage, n)
         return self.timer(what)
+
+    def _commit(self, entry, meta: dict[str, Any]) -> None:
+        """Rank 0 marks an entry complete once every rank has finished its share."""
+        if self.ranks.main:
+            entry.commit(meta)
+        self.ranks.barrier('storing a result')
 
     def done_frames(self) -> tuple[str, int, int] | None:
         """(stage, frames done, frames) of the stage that is running or ran last."""
@@ -337,7 +349,8 @@ class Editor:
                 raise EditError(f'{getattr(source, "path", "frames")}: {e}') from None
         cfg, S = self.cfg, self.image_size
         detector = 'aligned' if aligned else f'dlib68-up{cfg.max_upsample}'
-        akey = make_key(format=FORMAT, video=fingerprint(source), center_sigma=cfg.center_sigma,
+        content = fingerprint(source)
+        akey = make_key(format=FORMAT, video=content, center_sigma=cfg.center_sigma,
                         xy_sigma=cfg.xy_sigma, size=S, detector=detector)
         a = self.cache.entry('align', akey)
         hits = {'align': a.complete}
@@ -347,15 +360,16 @@ class Editor:
             with self._run('align', a.arrays, 'crops', len(source)):
                 try:
                     pipeline.align(source, factory, a.arrays, S, cfg.center_sigma, cfg.xy_sigma, self.progress,
-                                   self.log)
+                                   self.log, self.ranks)
                 except NoFaceError as e:
                     raise EditError(f'{getattr(source, "path", "frames")}: {e}. Is there a frontal face in the video?'
                                     ) from None
                 except ValueError as e:  # a frame that fails to decode part-way (the header check passed)
                     raise EditError(f'cannot read {getattr(source, "path", "frames")}: {e}') from None
-            a.commit({'source': str(getattr(source, 'path', 'frames')), 'frames': len(source)})
+            self._commit(a, {'source': str(getattr(source, 'path', 'frames')), 'frames': len(source)})
+            a = self.cache.entry('align', akey)
         missing = a.arrays.read('missing').tolist()
-        if missing:
+        if missing and self.ranks.main:
             names = [source.names[i] for i in missing]
             self.log(f'no face found in {len(missing)} frame(s): '
                      + ('left unedited, ' if cfg.faceless == 'keep' else 'edited at interpolated quads, ')
@@ -367,9 +381,11 @@ class Editor:
         if not e.complete:
             with self._run('invert', e.arrays, 'x_T', len(source)):
                 pipeline.encode(self.sampler, a.arrays, e.arrays, np.asarray(missing), self.batch_size,
-                                self.progress, self.log)
-            e.commit({'source': str(getattr(source, 'path', 'frames')), 'checkpoint': str(self.checkpoint), 'T': cfg.T})
-        return EncodedVideo(list(source.names), missing, spec, a.arrays, e.arrays, ekey, hits)
+                                self.progress, self.log, self.ranks)
+            self._commit(e, {'source': str(getattr(source, 'path', 'frames')), 'checkpoint': str(self.checkpoint),
+                             'T': cfg.T})
+            e = self.cache.entry('encode', ekey)
+        return EncodedVideo(list(source.names), missing, spec, a.arrays, e.arrays, ekey, hits, content)
 
     # ----------------------------------------------------------------------------------------------------------------
     # directions
@@ -428,8 +444,9 @@ class Editor:
         if not entry.complete:
             with self._run('render', entry.arrays, 'render', len(video)):
                 pipeline.render(self.sampler, video.arrays, identity, entry.arrays, self.batch_size, f'render {name}',
-                                self.progress, self.log, keep_float)
-            entry.commit({'name': name, 'encode': video.key})
+                                self.progress, self.log, keep_float, self.ranks)
+            self._commit(entry, {'name': name, 'encode': video.key})
+            entry = self.cache.entry('render', key)
         return Rendered(name, identity, entry.arrays, dict(settings or {}), key)
 
     def edit(self, video: EncodedVideo, direction: Direction, scale: float, name: str | None = None) -> Rendered:
@@ -463,40 +480,45 @@ class Editor:
                          'no sound from the source')
             else:
                 audio = source.audio()  # decoded once for every video written
+        main = self.ranks.main
         created = not out_root.exists()
-        out_root.mkdir(parents=True, exist_ok=True)
-        cli.write_json(out_root / 'video.json', {'source': _describe(video.source), 'key': video.key})
+        self.ranks.barrier('checking the output folder')
         staged = [(out_root / f'{r.name}.partial', r.arrays) for r in edits]
-        for folder, _ in staged:
-            shutil.rmtree(folder, ignore_errors=True)
+        if main:
+            out_root.mkdir(parents=True, exist_ok=True)
+            cli.write_json(out_root / 'video.json', {'source': _describe(video.source), 'key': video.key})
+            for folder, _ in staged:
+                shutil.rmtree(folder, ignore_errors=True)
         keep = pipeline.faces_shown(len(video), np.asarray(video.missing))
         edit_frames = keep if cfg.faceless == 'keep' else np.ones(len(video), bool)
-        if not keep.all() and len(video.missing) == len(video):
-            edit_frames = np.ones(len(video), bool)  # aligned input: no frame is faceless
         try:
             with self._run('write', edits[0].arrays if edits else video.arrays, 'render', len(video)):
                 pipeline.write(source, video.names, video.align_arrays, video.arrays, staged, out_root, fps, audio,
                                cfg.blend, cfg.feather, recon.arrays if recon else None, edit_frames,
-                               cfg.save_frames, self.timer, self.progress)
+                               cfg.save_frames, self.timer, self.progress, self.ranks)
         except BaseException:
-            for folder, _ in staged:
-                shutil.rmtree(folder, ignore_errors=True)
-            if created and not any(p for p in out_root.iterdir() if p.name not in ('crops', 'video.json', 'recon')):
-                shutil.rmtree(out_root, ignore_errors=True)  # leave no empty result folder behind
+            if main:
+                for folder, _ in staged:
+                    shutil.rmtree(folder, ignore_errors=True)
+                if created and not any(p for p in out_root.iterdir() if p.name not in ('crops', 'video.json', 'recon')):
+                    shutil.rmtree(out_root, ignore_errors=True)  # leave no empty result folder behind
             raise
-        outputs = []
-        software = cli.software_versions()
-        for r, (folder, _) in zip(edits, staged):
-            cli.write_json(folder / 'config.json', {
-                **(run_config or {}), 'config': to_dict(cfg), **r.settings, 'edit': r.name, 'frames': len(video),
-                'fps': fps, 'blend': cfg.blend, 'feather': cfg.feather if cfg.blend == 'feather' else 0.0,
-                'checkpoint': str(self.checkpoint), 'device': str(self.device), 'batch_size': self.batch_size,
-                'software': software})
-            outputs.append(pipeline.publish(folder, out_root / r.name))
-        summary = pipeline.summary_of(video.names, video.missing, video.cache_hits, self.timer, outputs,
-                                      {'faceless': cfg.faceless})
-        cli.write_json(out_root / 'summary.json', summary)
-        return summary
+        summary = None
+        if main:
+            outputs = []
+            software = cli.software_versions()
+            for r, (folder, _) in zip(edits, staged):
+                cli.write_json(folder / 'config.json', {
+                    **(run_config or {}), 'config': to_dict(cfg), **r.settings, 'edit': r.name, 'frames': len(video),
+                    'fps': fps, 'blend': cfg.blend, 'feather': cfg.feather if cfg.blend == 'feather' else 0.0,
+                    'checkpoint': str(self.checkpoint), 'device': str(self.device), 'batch_size': self.batch_size,
+                    'ranks': self.ranks.world, 'software': software})
+                outputs.append(pipeline.publish(folder, out_root / r.name))
+            decode = source.decode_report() if hasattr(source, 'decode_report') else None
+            summary = pipeline.summary_of(video.names, video.missing, video.cache_hits, self.timer, outputs,
+                                          {'faceless': cfg.faceless, 'ranks': self.ranks.world, 'decode': decode})
+            cli.write_json(out_root / 'summary.json', summary)
+        return self.ranks.broadcast(summary, 'writing the summary')
 
     def check_outputs(self, out_root: str | os.PathLike, names: list[str], video: EncodedVideo | None = None) -> None:
         """Refuse, before any work, to replace an existing result silently or to mix two videos in one folder."""
@@ -518,7 +540,8 @@ class Editor:
                                 '--out (one folder per video) or pass --overwrite')
 
     def close(self) -> None:
-        self.cache.close()
+        if self.ranks.main:
+            self.cache.close()
 
 
 def _describe(source: Any) -> dict[str, Any] | None:

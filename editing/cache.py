@@ -52,8 +52,9 @@ class Arrays:
     a chunk is marked only after its values are flushed to disk.
     """
 
-    def __init__(self, folder: str | os.PathLike) -> None:
+    def __init__(self, folder: str | os.PathLike, rank: int = 0) -> None:
         self.folder = Path(folder)
+        self.rank = rank  # each process of a distributed run marks its progress in a file of its own
 
     def _path(self, name: str) -> Path:
         return self.folder / f'{name}.npy'
@@ -99,14 +100,24 @@ class Arrays:
         a = np.load(self._path(name), mmap_mode='r')
         return a.shape
 
+    def _marks(self, stage: str) -> str:
+        return f'{stage}.done' if self.rank == 0 else f'{stage}.r{self.rank}.done'
+
     def done(self, stage: str, n: int) -> np.ndarray:
-        """bool [n]: which items of `stage` are finished (all False when nothing was marked yet)."""
-        if f'{stage}.done' not in self:
-            self.create(f'{stage}.done', (n,), bool)
-        return self.read(f'{stage}.done')
+        """bool [n]: which items of `stage` are finished, by any process (all False when nothing was marked yet)."""
+        if self._marks(stage) not in self:
+            self.create(self._marks(stage), (n,), bool)
+        done = np.zeros(n, bool)
+        for f in [self._path(f'{stage}.done'), *self.folder.glob(f'{stage}.r*.done.npy')]:
+            with contextlib.suppress(OSError, ValueError):
+                marks = np.load(f, mmap_mode='r')
+                if marks.shape == (n,):
+                    done |= marks
+                del marks
+        return done
 
     def mark(self, stage: str, index: slice | np.ndarray) -> None:
-        self.write(f'{stage}.done', index, True)
+        self.write(self._marks(stage), index, True)
 
 
 class Entry:
@@ -117,7 +128,7 @@ class Entry:
         self.cache, self.kind, self.key = cache, kind, key
         final = cache.folder / f'{kind}-{key}'
         self.complete = (final / 'meta.json').is_file()
-        self.arrays = Arrays(final if self.complete else cache.folder / f'partial-{kind}-{key}')
+        self.arrays = Arrays(final if self.complete else cache.folder / f'partial-{kind}-{key}', cache.rank)
 
     @property
     def resumed(self) -> bool:
@@ -137,7 +148,7 @@ class Entry:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(folder, final)
-            self.arrays = Arrays(final)
+            self.arrays = Arrays(final, self.cache.rank)
         except OSError as e:
             self.cache.warn(e)
         self.complete = True
@@ -151,8 +162,9 @@ class Cache:
     written (full disk, read-only mount: a warning, and the run goes on), entries live in a scratch folder that
     `close` removes: the streamed pipeline always works from disk, so memory never grows with video length."""
 
-    def __init__(self, root: str | os.PathLike | None = DEFAULT_CACHE) -> None:
+    def __init__(self, root: str | os.PathLike | None = DEFAULT_CACHE, rank: int = 0) -> None:
         self.root = Path(root) if root is not None else None
+        self.rank = rank
         self._scratch: Path | None = None
         if self.root is not None:
             try:

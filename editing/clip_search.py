@@ -16,9 +16,11 @@ from config import EditConfig
 from editing.cache import file_stamp, make_key
 
 
-def settings_of(editor, names: list[str], cfg: EditConfig) -> dict[str, Any]:
+def settings_of(editor, names: list[str], cfg: EditConfig, video: str) -> dict[str, Any]:
+    """Everything that determines a direction: texts, loss weights, lr, steps, the video (`video`: its content key)
+    and frame, checkpoint and CLIP weights."""
     ckpt = editor.checkpoint
-    return {'src_txt': cfg.src_txt, 'trg_txt': cfg.trg_txt, 'lr': cfg.lr, 'clip_w': cfg.clip_loss_w,
+    return {'video': video, 'src_txt': cfg.src_txt, 'trg_txt': cfg.trg_txt, 'lr': cfg.lr, 'clip_w': cfg.clip_loss_w,
             'id_w': cfg.id_loss_w, 'l1_w': cfg.l1_loss_w, 'n_train_step': cfg.n_train_step, 'n_iter': cfg.n_iter,
             'early_stop': cfg.early_stop, 'clip_frame': names[cfg.clip_frame] if cfg.clip_frame < len(names) else cfg.clip_frame,
             'checkpoint': file_stamp(ckpt) if ckpt.is_file() else str(ckpt),
@@ -43,33 +45,38 @@ def clip_model(cfg: EditConfig, device: torch.device):
 
 
 def direction(editor, video, cfg: EditConfig, out_dir: Path | None):
-    """A `Direction` (see `Editor.clip_direction`)."""
-    from editing.api import Direction, EditError
-    from editing.clip_edit import (CLIPDirectionalLoss, apply_clip_direction, find_clip_direction, load_direction,
-                                   save_direction)
-    from editing.core import crops_to_float
+    """A `Direction` (see `Editor.clip_direction`). With several ranks, rank 0 finds it and shares it."""
+    from editing.api import Direction
+    from editing.clip_edit import apply_clip_direction
 
-    def made(found, path: Path | None, settings: dict[str, Any]) -> Direction:
-        delta = found.delta
-        return Direction(cfg.attribute[0], lambda identity, scale: apply_clip_direction(identity, delta, scale),
-                         {'src_txt': settings.get('src_txt'), 'trg_txt': settings.get('trg_txt'),
-                          'direction': str(path) if path else None})
+    found = _find(editor, video, cfg, out_dir) if editor.ranks.main else None
+    delta, path, settings = editor.ranks.broadcast(found, 'sharing the CLIP direction')
+    return Direction(cfg.attribute[0], lambda identity, scale: apply_clip_direction(identity, delta, scale),
+                     {'src_txt': settings.get('src_txt'), 'trg_txt': settings.get('trg_txt'),
+                      'direction': str(path) if path else None})
+
+
+def _find(editor, video, cfg: EditConfig, out_dir: Path | None):
+    """(delta [1,512], the direction file or None, its settings)."""
+    from editing.api import EditError
+    from editing.clip_edit import CLIPDirectionalLoss, find_clip_direction, load_direction, save_direction
+    from editing.core import crops_to_float
 
     if cfg.direction:
         try:
             found, meta = load_direction(cfg.direction)
         except (FileNotFoundError, ValueError) as e:
             raise EditError(str(e)) from None
-        return made(found, Path(cfg.direction), meta.get('settings', {}))
+        return found.delta, Path(cfg.direction), meta.get('settings', {})
     if not 0 <= cfg.clip_frame < len(video):
         raise EditError(f'--clip_frame {cfg.clip_frame} is outside the {len(video)} selected frames')
-    settings = settings_of(editor, video.names, cfg)
+    settings = settings_of(editor, video.names, cfg, video.content)
     path = direction_path(out_dir, cfg, settings) if out_dir is not None else None
     if path is not None and path.is_file() and not cfg.overwrite:
         found, meta = load_direction(path)
         if meta.get('settings') == settings:
             editor.log(f'reusing the direction in {path} (pass --overwrite to search again)')
-            return made(found, path, settings)
+            return found.delta, path, settings
     clip_loss = CLIPDirectionalLoss(clip_model(cfg, editor.device)).to(editor.device)
     i = cfg.clip_frame
     frame = crops_to_float(torch.from_numpy(video.align_arrays.read('crops', slice(i, i + 1)))).to(editor.device)
@@ -94,4 +101,4 @@ def direction(editor, video, cfg: EditConfig, out_dir: Path | None):
         save_direction(path, found, {'settings': settings, 'video': str(cfg.video_path)})
         editor.log(f'direction saved to {path} after {found.n_iter_run} iterations'
                    + (' (early stop)' if found.stopped_early else ''))
-    return made(found, path, settings)
+    return found.delta, path, settings

@@ -8,7 +8,7 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,8 +35,10 @@ def parser(description: str, out_root: str, kind: str) -> argparse.ArgumentParse
     p = argparse.ArgumentParser(description=description)
     p.add_argument('--config', default=None, help="repeat a run: an output's config.json (flags given here override)")
     g = p.add_argument_group('input')
-    g.add_argument('--video_path', help='a frame folder (image files, natural sort; other files ignored) or a video '
-                                        'file (mp4, mov, avi, mkv, webm)')
+    g.add_argument('--video_path', nargs='+',
+                   help='a frame folder (image files, natural sort; other files ignored) or a video file (mp4, mov, '
+                        'avi, mkv, webm); several, or a .txt file listing one per line: each video is edited into '
+                        '<out>/<video name>/ (under torchrun, whole videos are spread across the ranks)')
     g.add_argument('--max_num', type=int, help='edit at most this many frames (from --start)')
     g.add_argument('--start', type=int, help='first frame index')
     g.add_argument('--end', type=int, help='frame index to stop before (default: the last frame)')
@@ -143,13 +145,20 @@ def to_config(args: argparse.Namespace) -> EditConfig:
         data.update(stored.get('config', stored))
     names = {f.name for f in fields(EditConfig)}
     data.update({k: v for k, v in vars(args).items() if k in names and v is not None})
+    videos = data.get('video_path') or ''
+    videos = [videos] if isinstance(videos, str) else list(videos)
+    if len(videos) == 1 and videos[0].endswith('.txt') and Path(videos[0]).is_file():
+        lines = Path(videos[0]).read_text().splitlines()
+        videos = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith('#')]
+    data['video_path'] = videos[0] if len(videos) == 1 else ''
     data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names}
     try:
         cfg = from_dict(EditConfig, data)
     except (TypeError, ValueError, KeyError) as e:
         raise SystemExit(str(e).strip('"')) from None
-    if not cfg.video_path:
+    if not videos:
         raise SystemExit('--video_path is required (a frame folder or a video file)')
+    args.videos = videos
     from diffusion import space_timesteps
 
     for flag, T in (('--T', cfg.T), ('--n_train_step', cfg.n_train_step)):
@@ -160,20 +169,36 @@ def to_config(args: argparse.Namespace) -> EditConfig:
     return cfg
 
 
+def video_name(path: str) -> str:
+    p = Path(path)
+    return p.stem if p.suffix else p.resolve().name
+
+
 def out_root(cfg: EditConfig, default_root: str) -> Path:
-    if cfg.out:
-        return Path(cfg.out)
-    p = Path(cfg.video_path)
-    return Path(default_root) / (p.stem if p.suffix else p.resolve().name)
+    """The result folder of one video: --out, else <default_root>/<video name>."""
+    return Path(cfg.out) if cfg.out else Path(default_root) / video_name(cfg.video_path)
 
 
-def preflight(cfg: EditConfig, out: Path, files: list[tuple[str, str | None]]) -> None:
-    """Check, before anything heavy, every file the run will need and that the output folder can be written;
-    SystemExit with one line naming the flag and the fix."""
+def outputs_of(videos: list[str], cfg: EditConfig, default_root: str) -> list[tuple[str, Path]]:
+    """(video, its result folder) for each input: one video -> `out_root`; several -> <--out or default_root>/<name>."""
+    if len(videos) == 1:
+        return [(videos[0], out_root(replace(cfg, video_path=videos[0]), default_root))]
+    names = [video_name(v) for v in videos]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise SystemExit(f'several input videos are named {twice[0]!r}: their results would mix in one folder; '
+                         'rename them or edit them in separate runs')
+    return [(v, Path(cfg.out or default_root) / n) for v, n in zip(videos, names)]
+
+
+def preflight(cfg: EditConfig, outputs: list[tuple[str, Path]], files: list[tuple[str, str | None]]) -> None:
+    """Check, before anything heavy, every input and file the run will need and that the output folders can be
+    written; SystemExit with one line naming the flag and the fix."""
     from editing.api import resolve_checkpoint
 
-    if not Path(cfg.video_path).exists():
-        raise SystemExit(f'--video_path {cfg.video_path}: not found')
+    for video, _ in outputs:
+        if not Path(video).exists():
+            raise SystemExit(f'--video_path {video}: not found')
     needed = [('--checkpoint', str(resolve_checkpoint(cfg.checkpoint)))] + files
     for flag, path in needed:
         if path is not None and not Path(path).is_file():
@@ -187,29 +212,71 @@ def preflight(cfg: EditConfig, out: Path, files: list[tuple[str, str | None]]) -
             find_shape_predictor(cfg.pretrained_dir)
         except FileNotFoundError as e:
             raise SystemExit(str(e)) from None
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise SystemExit(f'--out {out}: {probe} is not a writable folder; choose another --out')
+    for _, out in outputs:
+        probe = out
+        while not probe.exists():
+            probe = probe.parent
+        if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+            raise SystemExit(f'--out {out}: {probe} is not a writable folder; choose another --out')
 
 
 def run(main: Callable[[], dict], editor_ref: list) -> dict:
-    """Run a script body; a user error ends with its one-line message, Ctrl-C with how to resume."""
+    """Run a script body; a user error ends with its one-line message, Ctrl-C with how to resume, the failure of a
+    rank with the frames it was working on."""
+    from editing import distributed
     from editing.api import EditError
+
+    def where() -> str:
+        status = editor_ref[0].done_frames() if editor_ref else None
+        return f' ({status[1]} of {status[2]} frames of the {status[0]} stage done)' if status else ''
 
     try:
         return main()
     except EditError as e:
         raise SystemExit(str(e)) from None
+    except distributed.RankError as e:
+        raise SystemExit(f'{e}{where()}') from None
     except KeyboardInterrupt:
-        status = editor_ref[0].done_frames() if editor_ref else None
-        done = f' ({status[1]} of {status[2]} frames of the {status[0]} stage done)' if status else ''
-        print(f'\ninterrupted: re-run the same command to resume{done}', file=sys.stderr)
+        print(f'\ninterrupted: re-run the same command to resume{where()}', file=sys.stderr)
         raise SystemExit(130) from None
+    except Exception as e:
+        ranks = editor_ref[0].ranks if editor_ref else None
+        if ranks is not None and ranks.enabled:  # say which rank and frames failed before the traceback
+            print(f'rank {ranks.rank} failed{where()}: {type(e).__name__}: {e}', file=sys.stderr)
+        raise
     finally:
         if editor_ref:
             editor_ref[0].close()
+        distributed.close()
+
+
+def for_each_video(outputs: list[tuple[str, Path]], edit_video: Callable[[str, Path], dict], ranks,
+                   summary_dir: Path, log: Callable[[str], None] = print) -> dict:
+    """Edit one video (all ranks share its frames) or many (whole videos spread across the ranks, each edited by
+    one rank; a video that fails is reported and the others go on); with many, <summary_dir>/videos_summary.json
+    lists every video's result."""
+    import cli
+    from editing.api import EditError
+
+    if len(outputs) == 1:
+        return edit_video(*outputs[0])
+    results = []
+    for video, out in ranks.items(outputs):
+        try:
+            results.append({'video': video, 'out': str(out), **edit_video(video, out)})
+        except EditError as e:
+            log(f'{video}: {e}')
+            results.append({'video': video, 'out': str(out), 'error': str(e)})
+    results = sorted(sum(ranks.gather(results, 'gathering the video summaries'), []),
+                     key=lambda r: [v for v, _ in outputs].index(r['video']))
+    summary = {'videos': results, 'failed': [r['video'] for r in results if 'error' in r], 'ranks': ranks.world}
+    if ranks.main:
+        cli.write_json(summary_dir / 'videos_summary.json', summary)
+        log(f'{len(results) - len(summary["failed"])} of {len(results)} videos edited; '
+            f'summary: {summary_dir / "videos_summary.json"}')
+    if summary['failed']:
+        raise EditError(f'{len(summary["failed"])} of {len(results)} videos failed: {", ".join(summary["failed"])}')
+    return summary
 
 
 def report(summary: dict, out: Path, log: Callable[[str], None] = print) -> None:

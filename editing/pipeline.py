@@ -25,6 +25,9 @@ from torch import Tensor
 
 from editing import core
 from editing.cache import Arrays
+from editing.distributed import Ranks
+
+SINGLE = Ranks()
 
 CHUNK = 16  # frames per read/write chunk of the streamed stages (crops, masks, x_T of 16 frames: ~13 MB at 256 px)
 
@@ -55,11 +58,13 @@ def progress_bar(total: int, desc: str, enabled: bool, unit: str = 'frame'):
                 mininterval=0.1 if sys.stderr.isatty() else 10)
 
 
-def _todo(arrays: Arrays, stage: str, n: int, log: Callable[[str], None], what: str) -> np.ndarray:
+def _todo(arrays: Arrays, stage: str, n: int, log: Callable[[str], None], what: str, ranks: Ranks = SINGLE
+          ) -> np.ndarray:
+    """The frames of `stage` still to do, this rank's share of them."""
     done = arrays.done(stage, n)
-    if done.any() and not done.all():
+    if done.any() and not done.all() and ranks.main:
         log(f'resuming {what}: {int(done.sum())} of {n} frames were done before')
-    return np.flatnonzero(~done)
+    return ranks.share(np.flatnonzero(~done))
 
 
 def _runs(todo: np.ndarray, size: int) -> Iterator[np.ndarray]:
@@ -74,26 +79,38 @@ def _runs(todo: np.ndarray, size: int) -> Iterator[np.ndarray]:
 
 def align(source, detector_factory: Callable[[], Callable] | None, arrays: Arrays, size: int,
           center_sigma: float = 1.0, xy_sigma: float = 3.0, progress: bool = True,
-          log: Callable[[str], None] = print) -> None:
+          log: Callable[[str], None] = print, ranks: Ranks = SINGLE) -> None:
     """quads [N,4,2], missing [M] and crops [N,size,size,3] uint8 of a `video_io.FrameSource` into `arrays`.
 
     detector_factory None: the frames already are aligned square crops (every quad is the whole frame, crops are the
-    frames resampled straight to `size`). Else the dlib face track of `faces.align_video` (frames without a face get
-    interpolated quads and are listed in `missing`)."""
-    from faces import align_video, crop_face, full_frame_quad
+    frames resampled straight to `size`). Else the dlib face track of `faces.detect_faces` + `faces.track_faces`
+    (frames without a face get interpolated quads and are listed in `missing`); with several ranks each detects on
+    its share of the frames and the detections are gathered, so the track is the single-process one."""
+    from faces import crop_face, detect_faces, full_frame_quad, track_faces
 
+    n = len(source)
     if 'quads' not in arrays:
         if detector_factory is None:
-            quads, missing = np.repeat(full_frame_quad(*source.size)[None], len(source), axis=0), []
+            quads, missing = np.repeat(full_frame_quad(*source.size)[None], n, axis=0), []
         else:
-            alignment = align_video(source, detector_factory(), center_sigma, xy_sigma, progress=progress,
-                                    keep_landmarks=False)
+            which = ranks.share(np.arange(n))
+            faces, tried = detect_faces(source, detector_factory(), which if ranks.enabled else None, progress)
+            if ranks.enabled:
+                merged: dict[int, list] = {}
+                for part, _ in ranks.gather(({int(i): faces[i] for i in which}, tried), 'exchanging the faces'):
+                    merged.update(part)
+                faces = [merged[i] for i in range(n)]
+            alignment = track_faces(faces, center_sigma, xy_sigma, keep_landmarks=False, tried=tried)
             quads, missing = alignment.quads, alignment.missing
-        arrays.put('missing', np.asarray(missing, dtype=np.int64))
-        arrays.put('quads', quads)
+        if ranks.main:
+            arrays.put('missing', np.asarray(missing, dtype=np.int64))
+            arrays.put('quads', quads)
+            arrays.create('crops', (n, size, size, 3), np.uint8)
+    elif ranks.main:
+        arrays.create('crops', (n, size, size, 3), np.uint8)
+    ranks.barrier('aligning')
     quads = arrays.read('quads')
-    arrays.create('crops', (len(source), size, size, 3), np.uint8)
-    todo = set(_todo(arrays, 'crops', len(source), log, 'the crops').tolist())
+    todo = set(_todo(arrays, 'crops', n, log, 'the crops', ranks).tolist())
     first = size if detector_factory is None else 1024  # aligned frames: one resampling straight to `size`
     chunk: list[tuple[int, np.ndarray]] = []
 
@@ -104,6 +121,7 @@ def align(source, detector_factory: Callable[[], Callable] | None, arrays: Array
         chunk.clear()
 
     if todo:
+        last = max(todo)
         with progress_bar(len(todo), 'crop', progress) as bar:
             for i, frame in enumerate(source):
                 if i in todo:
@@ -111,8 +129,11 @@ def align(source, detector_factory: Callable[[], Callable] | None, arrays: Array
                     bar.update()
                     if len(chunk) == CHUNK:
                         flush()
+                if i >= last:
+                    break
             if chunk:
                 flush()
+    ranks.barrier('cropping')
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -120,17 +141,22 @@ def align(source, detector_factory: Callable[[], Callable] | None, arrays: Array
 
 
 def encode(sampler: core.Sampler, crops: Arrays, arrays: Arrays, missing: np.ndarray, batch_size: int,
-           progress: bool = True, log: Callable[[str], None] = print) -> None:
+           progress: bool = True, log: Callable[[str], None] = print, ranks: Ranks = SINGLE) -> None:
     """id_feats [N,512], lnd_feats [N,2K], masks [N,1,S,S] (uint8 0/1) and x_T [N,3,S,S] into `arrays`.
 
     The inversion is conditioned, as released, on the UN-normalised average identity with each frame's landmarks;
-    the average skips the frames without a face (`missing`), whose features describe no face."""
+    the average skips the frames without a face (`missing`), whose features describe no face. With several ranks each
+    does its share of the frames; every rank then reads all the features, so the average is the single-process one."""
     model, dtype = sampler.model, sampler.dtype
     n, S = crops.shape('crops')[:2]
-    arrays.create('id_feats', (n, model.encoder.cfg.id_dim), np.dtype(str(dtype).removeprefix('torch.')))
-    arrays.create('lnd_feats', (n, 2 * model.encoder.cfg.n_landmarks), np.dtype(str(dtype).removeprefix('torch.')))
-    arrays.create('masks', (n, 1, S, S), np.uint8)
-    todo = _todo(arrays, 'features', n, log, 'the encoding')
+    np_dtype = np.dtype(str(dtype).removeprefix('torch.'))
+    if ranks.main:
+        arrays.create('id_feats', (n, model.encoder.cfg.id_dim), np_dtype)
+        arrays.create('lnd_feats', (n, 2 * model.encoder.cfg.n_landmarks), np_dtype)
+        arrays.create('masks', (n, 1, S, S), np.uint8)
+        arrays.create('x_T', (n, 3, S, S), np_dtype)
+    ranks.barrier('encoding')
+    todo = _todo(arrays, 'features', n, log, 'the encoding', ranks)
     with progress_bar(len(todo), 'encode', progress) as bar:
         for index in _runs(todo, batch_size):
             x = core.crops_to_float(torch.from_numpy(crops.read('crops', index)), dtype).to(sampler.device)
@@ -140,17 +166,18 @@ def encode(sampler: core.Sampler, crops: Arrays, arrays: Arrays, missing: np.nda
             arrays.write('masks', index, core.face_masks(model, x, 'video').cpu().numpy().astype(np.uint8))
             arrays.mark('features', index)
             bar.update(len(index))
+    ranks.barrier('encoding')
     id_feats = torch.from_numpy(arrays.read('id_feats'))
     z = core.z_faces(model, core.average_identity(id_feats[faces_shown(n, missing)]),
                      torch.from_numpy(arrays.read('lnd_feats'))).to(dtype).cpu()
-    arrays.create('x_T', (n, 3, S, S), np.dtype(str(dtype).removeprefix('torch.')))
-    todo = _todo(arrays, 'x_T', n, log, 'the inversion')
+    todo = _todo(arrays, 'x_T', n, log, 'the inversion', ranks)
     with progress_bar(len(todo) * (sampler.T - 1), f'invert ({len(todo)} frames x {sampler.T - 1} steps)', progress,
                       'step') as bar:
         for index in _runs(todo, batch_size):
             x = core.crops_to_float(torch.from_numpy(crops.read('crops', index)), dtype)
             arrays.write('x_T', index, sampler.invert(x, z[index], bar.update).numpy())
             arrays.mark('x_T', index)
+    ranks.barrier('inverting')
 
 
 def faces_shown(n: int, missing: np.ndarray) -> np.ndarray:
@@ -166,15 +193,17 @@ def faces_shown(n: int, missing: np.ndarray) -> np.ndarray:
 
 def render(sampler: core.Sampler, encoded: Arrays, identity: Tensor, arrays: Arrays, batch_size: int,
            desc: str = 'render', progress: bool = True, log: Callable[[str], None] = print,
-           keep_float: bool = False) -> None:
+           keep_float: bool = False, ranks: Ranks = SINGLE) -> None:
     """'render' [N,S,S,3] uint8 into `arrays`: every frame rendered from its x_T with `identity` [1,512] and its own
     landmarks (and 'render_float' [N,3,S,S] in [-1,1] in the loop dtype with keep_float, for exact checks)."""
     n, _, S, _ = encoded.shape('x_T')
     z = core.z_faces(sampler.model, identity, torch.from_numpy(encoded.read('lnd_feats'))).to(sampler.dtype).cpu()
-    arrays.create('render', (n, S, S, 3), np.uint8)
-    if keep_float:
-        arrays.create('render_float', (n, 3, S, S), np.dtype(str(sampler.dtype).removeprefix('torch.')))
-    todo = _todo(arrays, 'render', n, log, desc)
+    if ranks.main:
+        arrays.create('render', (n, S, S, 3), np.uint8)
+        if keep_float:
+            arrays.create('render_float', (n, 3, S, S), np.dtype(str(sampler.dtype).removeprefix('torch.')))
+    ranks.barrier('rendering')
+    todo = _todo(arrays, 'render', n, log, desc, ranks)
     steps = sampler.render_steps
     with progress_bar(len(todo) * steps, f'{desc} ({len(todo)} frames x {steps} steps)', progress, 'step') as bar:
         for index in _runs(todo, batch_size):
@@ -183,6 +212,7 @@ def render(sampler: core.Sampler, encoded: Arrays, identity: Tensor, arrays: Arr
             if keep_float:
                 arrays.write('render_float', index, x0.numpy())
             arrays.mark('render', index)
+    ranks.barrier('rendering')
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -203,51 +233,63 @@ def side_by_side(panels: list[np.ndarray], height: int = 512) -> np.ndarray:
 def write(source, names: list[str], crops: Arrays, encoded: Arrays, edits: list[tuple[Path, Arrays]],
           out_root: Path, fps: float, audio=None, blend: str = 'hard', feather: float = 3.0,
           recon: Arrays | None = None, edit_frames: np.ndarray | None = None, save_frames: bool = True,
-          timer: StageTimer | None = None, progress: bool = True) -> None:
+          timer: StageTimer | None = None, progress: bool = True, ranks: Ranks = SINGLE) -> None:
     """Blend, paste back and write every edit in ONE streamed pass over the source frames.
 
     edits: (staging folder, arrays holding 'render') per edit. Per folder: frames/<name>.png (full frames; only
     with save_frames), blend/<name>.png (the crop composite, released `paste_avg_mani`), out.mp4 and
     side_by_side.mp4 (original | reconstruction if any | edit) at `fps` with `audio`. The crops go to
     <out_root>/crops/, the reconstruction's frames to <out_root>/recon/. edit_frames (bool [N]): the frames that get
-    the edit; the others stay as they are (frames without a face)."""
+    the edit; the others stay as they are (frames without a face). With several ranks each writes the PNGs of its
+    share of the frames, and rank 0 also pastes every frame for the videos."""
     from faces import paste_back
     from video_io import VideoWriter, save_image_atomic
 
     timer = timer or StageTimer()
     n = len(names)
+    mine = np.zeros(n, bool)
+    mine[ranks.share(np.arange(n))] = True
     edit_frames = np.ones(n, bool) if edit_frames is None else edit_frames
     sigma = feather if blend == 'feather' else 0.0
     quads = crops.read('quads')
-    (out_root / 'crops').mkdir(parents=True, exist_ok=True)
-    if recon is not None:
-        (out_root / 'recon').mkdir(exist_ok=True)
     writers = []
-    for folder, _ in edits:
-        (folder / 'blend').mkdir(parents=True, exist_ok=True)
-        if save_frames:
-            (folder / 'frames').mkdir(exist_ok=True)
-        writers.append((VideoWriter(folder / 'out.mp4', fps, audio=audio),
-                        VideoWriter(folder / 'side_by_side.mp4', fps, audio=audio)))
+    if ranks.main:
+        (out_root / 'crops').mkdir(parents=True, exist_ok=True)
+        if recon is not None:
+            (out_root / 'recon').mkdir(exist_ok=True)
+        for folder, _ in edits:
+            (folder / 'blend').mkdir(parents=True, exist_ok=True)
+            if save_frames:
+                (folder / 'frames').mkdir(exist_ok=True)
+            writers.append((VideoWriter(folder / 'out.mp4', fps, audio=audio),
+                            VideoWriter(folder / 'side_by_side.mp4', fps, audio=audio)))
+    ranks.barrier('writing')
     # PNG encoding (zlib releases the GIL) runs in threads beside the pasting and the video encoders
     pool, pending = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)), deque()
 
     def save(path: Path, image: np.ndarray) -> None:
         pending.append(pool.submit(save_image_atomic, path, image))
-        while len(pending) > 32:  # bounded: at most 32 frames wait in memory
+        while len(pending) > 8:  # bounded: at most 8 images wait in memory (1080p: 6 MB each)
             pending.popleft().result()
 
     frames = iter(source)
+    work = np.ones(n, bool) if ranks.main else mine
     try:
-        with progress_bar(n, 'paste back', progress) as bar:
-            for lo in range(0, n, CHUNK):
+        with progress_bar(int(work.sum()), 'paste back', progress) as bar:
+            for lo in range(0, int(np.flatnonzero(work).max()) + 1 if work.any() else 0, CHUNK):
                 sl = slice(lo, min(n, lo + CHUNK))
+                if not work[sl].any():
+                    for _ in range(sl.start, sl.stop):
+                        next(frames)
+                    continue
                 crop_u8, masks = crops.read('crops', sl), encoded.read('masks', sl)
                 renders = [a.read('render', sl) for _, a in edits]
                 recon_u8 = recon.read('render', sl) if recon is not None else None
                 for j, i in enumerate(range(sl.start, sl.stop)):
                     with timer('decode'):
                         frame = next(frames)
+                    if not work[i]:
+                        continue
                     with timer('paste'):
                         m = masks[j, 0].astype(np.float32)
                         paste = (lambda r: paste_back(frame, r, quads[i], m, sigma)) if edit_frames[i] else \
@@ -260,13 +302,15 @@ def write(source, names: list[str], crops: Arrays, encoded: Arrays, edits: list[
                                                            ) * 2 - 1)[0].numpy() if edit_frames[i] else crop_u8[j]
                                   for r in renders]
                     with timer('write'):
-                        save(out_root / 'crops' / f'{names[i]}.png', crop_u8[j])
-                        if recon_frame is not None:
-                            save(out_root / 'recon' / f'{names[i]}.png', recon_frame)
-                        for out, blended, (folder, _), (writer, sbs) in zip(outs, blends, edits, writers):
-                            if save_frames:
-                                save(folder / 'frames' / f'{names[i]}.png', out)
-                            save(folder / 'blend' / f'{names[i]}.png', blended)
+                        if mine[i]:
+                            save(out_root / 'crops' / f'{names[i]}.png', crop_u8[j])
+                            if recon_frame is not None:
+                                save(out_root / 'recon' / f'{names[i]}.png', recon_frame)
+                            for out, blended, (folder, _) in zip(outs, blends, edits):
+                                if save_frames:
+                                    save(folder / 'frames' / f'{names[i]}.png', out)
+                                save(folder / 'blend' / f'{names[i]}.png', blended)
+                        for out, (writer, sbs) in zip(outs, writers):
                             writer.write(out)
                             sbs.write(side_by_side([frame] + ([recon_frame] if recon_frame is not None else [])
                                                    + [out]))
@@ -286,6 +330,7 @@ def write(source, names: list[str], crops: Arrays, encoded: Arrays, edits: list[
         raise
     finally:
         pool.shutdown(wait=True)
+    ranks.barrier('writing')
 
 
 def publish(staging: Path, final: Path) -> Path:
