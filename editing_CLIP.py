@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
         names = [f'{tag}_scale{scale_name(s)}' for s in cfg.scale]
         ed.check_outputs(out, names)  # before any heavy work
         video = ed.encode()
+        ed.stage = None  # the search is not counted in frames: an interruption there says no frame count
         direction = ed.clip_direction(video, out)
         edits = [ed.edit(video, direction, s, name) for s, name in zip(cfg.scale, names)]
         recon = ed.reconstruct(video) if cfg.save_recon else None
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
         flags.report(summary, out, ed.log)
         return summary
 
-    return flags.run(edit, editor)
+    return flags.run(edit, editor, out)
 
 
 if __name__ == '__main__':

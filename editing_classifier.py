@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
         flags.report(summary, out, ed.log)
         return summary
 
-    return flags.run(edit, editor)
+    return flags.run(edit, editor, out)
 
 
 if __name__ == '__main__':

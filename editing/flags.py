@@ -125,9 +125,13 @@ def parser(description: str, out_root: str, kind: str) -> argparse.ArgumentParse
         {'attribute': ['beards'], 'scale': [1.0], 'id_loss_w': 5.0, 'clip_weights': 'pretrained_models/ViT-B-16.pt'}
     shown = {f.name: getattr(DEFAULTS, f.name) for f in fields(EditConfig)}
     shown.update(kind_defaults)
-    for action in p._actions:  # the defaults shown in --help; the values themselves come from `to_config`
-        if action.dest in shown and action.help is not argparse.SUPPRESS:
-            action.help = (action.help or '') + f' (default: {shown[action.dest]})'
+    for action in p._actions:  # the defaults shown in --help, once; the values themselves come from `to_config`
+        value = shown.get(action.dest)
+        if action.dest not in shown or action.help is argparse.SUPPRESS or value in (None, '') or \
+                '(default' in (action.help or ''):  # no default, or the help already says what it is
+            continue
+        text = ' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value
+        action.help = (action.help or '') + f' (default: {text})'
     p.set_defaults(_kind_defaults=kind_defaults)
     return p
 
@@ -140,7 +144,11 @@ def to_config(args: argparse.Namespace) -> EditConfig:
             stored = json.loads(Path(args.config).read_text())
         except (OSError, ValueError) as e:
             raise SystemExit(f'--config {args.config}: cannot read it ({e})') from None
-        data.update(stored.get('config', stored))
+        if not isinstance(stored, dict):
+            raise SystemExit(f'--config {args.config}: not a config file (a JSON object, e.g. a result\'s config.json)')
+        stored = dict(stored.get('config', stored))
+        stored.pop('overwrite', None)  # replacing results is decided by this command's flags, never by an old file
+        data.update(stored)
     names = {f.name for f in fields(EditConfig)}
     data.update({k: v for k, v in vars(args).items() if k in names and v is not None})
     data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names}
@@ -172,8 +180,12 @@ def preflight(cfg: EditConfig, out: Path, files: list[tuple[str, str | None]]) -
     SystemExit with one line naming the flag and the fix."""
     from editing.api import resolve_checkpoint
 
+    import templates
+
     if not Path(cfg.video_path).exists():
         raise SystemExit(f'--video_path {cfg.video_path}: not found')
+    if cfg.template not in templates.PRESETS:
+        raise SystemExit(f'--template {cfg.template}: unknown; choose one of {", ".join(sorted(templates.PRESETS))}')
     needed = [('--checkpoint', str(resolve_checkpoint(cfg.checkpoint)))] + files
     for flag, path in needed:
         if path is not None and not Path(path).is_file():
@@ -186,30 +198,102 @@ def preflight(cfg: EditConfig, out: Path, files: list[tuple[str, str | None]]) -
 
             find_shape_predictor(cfg.pretrained_dir)
         except FileNotFoundError as e:
-            raise SystemExit(str(e)) from None
+            raise SystemExit(f'--pretrained_dir {cfg.pretrained_dir}: {e} (or pass --aligned for aligned crops)'
+                             ) from None
+    check_out(out)
+    video = out / 'video.json'
+    if _exists(video):
+        try:
+            other = json.loads(video.read_text()).get('source')
+        except (OSError, ValueError, AttributeError):
+            other = None
+        this = {'path': cfg.video_path, 'start': cfg.start, 'end': cfg.end, 'max_num': cfg.max_num}
+        if isinstance(other, dict) and other != this:  # the check `Editor.write` makes, made before the work
+            raise SystemExit(f'--out {out} holds the results of another video or frame selection ({_selection(other)}; '
+                             f'this run: {_selection(this)}): use one --out folder per video')
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name too long for the file system, a loop of links
+        return False
+
+
+def _selection(source: dict) -> str:
+    extra = ', '.join(f'{k} {source.get(k)}' for k in ('start', 'end', 'max_num') if source.get(k) not in (None, 0))
+    return f'{source.get("path")}' + (f' with {extra}' if extra else '')
+
+
+def check_out(out: Path) -> None:
+    """SystemExit naming --out unless the output folder can be made and written. Tried for real (a probe folder
+    made and removed in the nearest existing folder), since permission bits do not stop root and some folders
+    refuse writes whatever they say (read-only mounts, /proc, names too long)."""
+    import shutil
+    import tempfile
+
     probe = out
-    while not probe.exists():
+    while not _exists(probe) and probe != probe.parent:
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise SystemExit(f'--out {out}: {probe} is not a writable folder; choose another --out')
+    if not probe.is_dir():
+        raise SystemExit(f'--out {out}: {probe} is a file, not a folder; choose another --out')
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix='.dva-probe-', dir=probe))
+    except OSError as e:
+        raise SystemExit(f'--out {out}: cannot write in {probe} ({e.strerror or e}); choose another --out') from None
+    try:
+        (tmp / out.relative_to(probe)).mkdir(parents=True, exist_ok=True) if out != probe else None
+    except OSError as e:
+        raise SystemExit(f'--out {out}: cannot be made ({e.strerror or e}); choose another --out') from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run(main: Callable[[], dict], editor_ref: list) -> dict:
-    """Run a script body; a user error ends with its one-line message, Ctrl-C with how to resume."""
+def run(main: Callable[[], dict], editor_ref: list, out: Path | None = None) -> dict:
+    """Run a script body; a user error ends with its one-line message, Ctrl-C with how to resume. Folders under
+    `out` that a failed run made and left empty are removed."""
     from editing.api import EditError
 
+    existed = out is None or _exists(out)
     try:
-        return main()
+        try:
+            return main()
+        except BaseException:
+            if not existed:
+                _remove_empty(out)
+            raise
     except EditError as e:
         raise SystemExit(str(e)) from None
     except KeyboardInterrupt:
         status = editor_ref[0].done_frames() if editor_ref else None
-        done = f' ({status[1]} of {status[2]} frames of the {status[0]} stage done)' if status else ''
+        if status and status[0] == 'write':  # the renders are kept; the results are written again from them
+            done = ' (the results were being written: the rendered frames are kept)'
+        else:
+            done = f' ({status[1]} of {status[2]} frames of the {status[0]} stage done)' if status else ''
         print(f'\ninterrupted: re-run the same command to resume{done}', file=sys.stderr)
         raise SystemExit(130) from None
+    except OSError as e:  # a full disk, a folder that went away: what failed, in one line, and how to go on
+        status = editor_ref[0].done_frames() if editor_ref else None
+        stage = f' in the {status[0]} stage' if status else ''
+        raise SystemExit(f'failed{stage}: {e}. Fix that and re-run the same command: it resumes from the finished '
+                         'work') from None
     finally:
         if editor_ref:
             editor_ref[0].close()
+
+
+def _remove_empty(folder: Path) -> None:
+    """Remove `folder` and the folders under it that hold no file (best effort: never masks the run's error)."""
+    try:
+        if not folder.is_dir():
+            return
+        for sub in sorted((p for p in folder.rglob('*') if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            if not any(sub.iterdir()):
+                sub.rmdir()
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    except OSError:
+        pass
 
 
 def report(summary: dict, out: Path, log: Callable[[str], None] = print) -> None:
