@@ -138,18 +138,45 @@ def test_close_scales_get_their_own_folders(weights, clip, cache, tmp_path):
 
 
 def test_clip_direction_of_other_settings_is_a_new_one(weights, clip, cache, tmp_path):
+    from types import SimpleNamespace
+
+    from config import EditConfig
+    from editing import clip_search
+
     out = tmp_path / 'out'
     editing_CLIP.main(clip_args(weights, clip, out, cache))
     (first,) = (out / 'directions').glob('*.pt')
     earlier = {**files(out / f'{first.stem}_scale1.00'), 'direction': first.read_bytes()}
-    for extra in (['--lr', '0.01'], ['--n_iter', '3']):  # same texts, same --attribute
-        editing_CLIP.main(clip_args(weights, clip, out, cache, *extra))
+    editing_CLIP.main(clip_args(weights, clip, out, cache, '--lr', '0.01'))  # same texts, same --attribute
     directions = sorted((out / 'directions').glob('*.pt'))
-    assert len(directions) == 3 and len({p.stem for p in directions}) == 3
+    assert len(directions) == 2
     assert sorted(p.name for p in out.glob('*_scale1.00')) == sorted(f'{p.stem}_scale1.00' for p in directions)
     assert {**files(out / f'{first.stem}_scale1.00'), 'direction': first.read_bytes()} == earlier
     for d in directions:  # each result says which direction it was made with
         assert json.loads((out / f'{d.stem}_scale1.00' / 'config.json').read_text())['direction'] == str(d)
+    # every other setting of the search names its own file too (checked on the names, without searching)
+    editor, base = SimpleNamespace(checkpoint=weights['ckpt']), EditConfig(attribute=('beard',), n_iter=2)
+    names = {clip_search.direction_path(out, cfg, clip_search.settings_of(editor, ['0000'], cfg)).name
+             for cfg in [base] + [EditConfig(**{**vars(base), k: v}) for k, v in [
+                 ('n_iter', 3), ('lr', 0.01), ('src_txt', 'a face'), ('trg_txt', 'beard'), ('clip_loss_w', 1.0),
+                 ('id_loss_w', 1.0), ('l1_loss_w', 1.0), ('n_train_step', 4), ('early_stop', 5), ('clip_frame', 1),
+                 ('clip_weights', 'other.pt')]]}
+    assert len(names) == 12
+
+
+def test_ctrl_c_in_the_clip_search_leaves_no_empty_folder(weights, clip, cache, tmp_path, monkeypatch, capsys):
+    import editing.clip_edit
+
+    def stop(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(editing.clip_edit, 'find_clip_direction', stop)
+    out = tmp_path / 'out'
+    with pytest.raises(SystemExit) as end:
+        editing_CLIP.main(clip_args(weights, clip, out, cache))
+    assert end.value.code == 130  # the search has no frames to count (not those of the finished inversion)
+    assert capsys.readouterr().err.strip() == 'interrupted: re-run the same command to resume'
+    assert not out.exists()  # out/directions/ was made for the direction and is gone again
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -323,10 +350,9 @@ def test_failed_write_leaves_no_partial_result_and_keeps_earlier_ones(weights, c
         real(self, frame)
 
     monkeypatch.setattr(video_io.VideoWriter, 'write', full_disk)
-    for extra in (['--scale', '0.3', '--overwrite'], ['--scale', '0.5']):  # replacing a result, or adding one
-        message = refused(editing_classifier.main, cls_args(weights, clip, out, cache, *extra))
-        assert message.startswith('failed in the write stage: [Errno 28] No space left on device')
-        assert files(out) == before  # the earlier result, crops and summary are as they were; nothing partial
+    message = refused(editing_classifier.main, cls_args(weights, clip, out, cache, '--overwrite'))
+    assert message.startswith('failed in the write stage: [Errno 28] No space left on device')
+    assert files(out) == before  # the result it was to replace, crops and summary are as they were; nothing partial
     heavy.clear()
     fresh = tmp_path / 'fresh' / 'out'
     refused(editing_classifier.main, cls_args(weights, clip, fresh, cache))
