@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -178,9 +177,8 @@ def out_root(cfg: EditConfig, default_root: str) -> Path:
 def preflight(cfg: EditConfig, out: Path, files: list[tuple[str, str | None]]) -> None:
     """Check, before anything heavy, every file the run will need and that the output folder can be written;
     SystemExit with one line naming the flag and the fix."""
-    from editing.api import resolve_checkpoint
-
     import templates
+    from editing.api import resolve_checkpoint
 
     if not Path(cfg.video_path).exists():
         raise SystemExit(f'--video_path {cfg.video_path}: not found')

@@ -81,8 +81,7 @@ def files(folder: Path) -> dict[str, bytes]:
 @pytest.fixture
 def heavy(monkeypatch) -> list[str]:
     """Names of the heavy steps run (model load, align, encode, render, write), in order."""
-    import editing.api as api
-    from editing import pipeline
+    from editing import api, pipeline
 
     calls: list[str] = []
     for module, name in [(api, 'load_model')] + [(pipeline, n) for n in ('align', 'encode', 'render', 'write')]:
@@ -112,12 +111,15 @@ def assert_nothing_started(heavy: list[str], out: Path, cache: Path) -> None:
 # 1. duplicate edit names
 
 
-@pytest.mark.parametrize('extra, flag', [(['--attribute', 'Mustache', 'Mustache'], '--attribute'),
-                                         (['--scale', '0.3', '0.30'], '--scale')])
-def test_duplicate_edits_are_refused_before_any_work(extra, flag, weights, clip, tmp_path, heavy):
+@pytest.mark.parametrize('extra, expect', [(['--attribute', 'Mustache', 'Mustache'], "--attribute lists 'Mustache' twice"),
+                                           (['--scale', '0.3', '0.30'], '--scale lists 0.3 twice'),
+                                           (['--scale', '1', '1.0'], '--scale lists 1.0 twice'),
+                                           (['--attribute', '../beard'], "--attribute '../beard' cannot name a folder")])
+def test_clashing_edit_names_are_refused_before_any_work(extra, expect, weights, clip, tmp_path, heavy):
     out, cache = tmp_path / 'out', tmp_path / 'cache'
-    message = refused(editing_classifier.main, cls_args(weights, clip, out, cache, *extra))
-    assert message.startswith(flag) and 'twice' in message
+    main, args = (editing_CLIP.main, clip_args) if extra[1] in ('1', '../beard') else (editing_classifier.main, cls_args)
+    message = refused(main, args(weights, clip, out, cache, *extra))
+    assert message.startswith(expect), message
     assert_nothing_started(heavy, out, cache)
 
 
@@ -293,7 +295,8 @@ def test_non_finite_number_is_refused_naming_its_flag(flag, value, weights, clip
 
 def test_refusal_is_one_line_and_exit_status_1(clip, tmp_path):
     run = subprocess.run([sys.executable, 'editing_classifier.py', '--video_path', str(clip), '--scale', 'nan',
-                          '--out', str(tmp_path / 'out')], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          '--out', str(tmp_path / 'out')], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         check=False)
     assert run.returncode == 1 and run.stderr == '--scale nan is not a finite number\n' and run.stdout == ''
 
 
@@ -302,7 +305,7 @@ def test_refusal_is_one_line_and_exit_status_1(clip, tmp_path):
 
 
 def test_ctrl_c_says_how_to_resume_and_the_rerun_completes(weights, clip, cache, tmp_path, monkeypatch, capsys):
-    import editing.core as core
+    from editing import core
 
     out = tmp_path / 'out'
     editing_classifier.main(cls_args(weights, clip, out, cache))
@@ -368,7 +371,8 @@ def help_options(script: str) -> dict[str, str]:
     """`python <script> --help` in a fresh interpreter, which must not import torch for it: {'-flag': its help}."""
     code = ("import runpy, sys\nsys.argv = [sys.argv[1], '--help']\ntry:\n    runpy.run_path(sys.argv[0], "
             "run_name='__main__')\nexcept SystemExit:\n    pass\nassert 'torch' not in sys.modules, 'torch imported'\n")
-    run = subprocess.run([sys.executable, '-c', code, script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, '-c', code, script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         check=False)
     assert run.returncode == 0, run.stderr
     entries = ('\n' + run.stdout).split('\n  -')[1:]
     return {e.split()[0].rstrip(','): ' '.join(e.split()) for e in entries}
