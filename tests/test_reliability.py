@@ -213,6 +213,19 @@ def test_missing_file_is_reported_before_any_work(case, weights, clip, tmp_path,
     assert_nothing_started(heavy, out, cache)
 
 
+@pytest.mark.parametrize('case', ['truncated_clip_weights', 'bad_direction', 'clip_fp16', 'clip_frame'])
+def test_clip_search_problems_are_reported_before_the_inversion(case, weights, clip, tmp_path, heavy):
+    """What the search (or loading a direction) would fail on comes out after the model load, before any frame."""
+    out, cache, broken = tmp_path / 'out', tmp_path / 'cache', tmp_path / 'ViT-B-16.pt'
+    broken.write_bytes(b'PK\x03\x04 the first bytes of an archive, and then the download stopped')
+    extra = {'truncated_clip_weights': ['--clip_weights', str(broken)], 'bad_direction': ['--direction', str(broken)],
+             'clip_fp16': ['--clip_fp16'], 'clip_frame': ['--clip_frame', '2']}[case]
+    argv = clip_args(weights, clip, out, cache, *extra)
+    message = refused(editing_CLIP.main, drop(argv, '--random_clip') if case == 'truncated_clip_weights' else argv)
+    assert message.startswith('--' + extra[0].lstrip('-')), message
+    assert heavy == ['load_model'] and not out.exists() and not list(cache.glob('*-*'))
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # 4. frames without a face
 
