@@ -32,14 +32,15 @@ def parser(description: str, out_root: str, kind: str) -> argparse.ArgumentParse
     """Every flag of one editor (kind 'classifier' or 'clip'); the released flags keep their names and meanings.
     Defaults are EditConfig's (shown once, by the formatter)."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument('--config', default=None, help="repeat a run: an output's config.json (flags given here override)")
+    p.add_argument('--config', default=None, help="repeat a run: an output's config.json (flags given here override; "
+                                                  '--overwrite and --trust_checkpoint are never taken from it)')
     g = p.add_argument_group('input')
     g.add_argument('--video_path', help='a frame folder (image files, natural sort; other files ignored) or a video '
                                         'file (mp4, mov, avi, mkv, webm)')
     g.add_argument('--max_num', type=int, help='edit at most this many frames (from --start)')
     g.add_argument('--start', type=int, help='first frame index')
     g.add_argument('--end', type=int, help='frame index to stop before (default: the last frame)')
-    g.add_argument('--aligned', action='store_true', default=None,
+    g.add_argument('--aligned', action=argparse.BooleanOptionalAction, default=None,
                    help='the frames already are aligned square face crops (FFHQ-style): no face detection; the edit '
                         'replaces the face region of each whole frame')
     g.add_argument('--max_upsample', type=int, help='frames where dlib finds no face are searched again at upsampling '
@@ -55,7 +56,7 @@ def parser(description: str, out_root: str, kind: str) -> argparse.ArgumentParse
                    help='frames per network batch, or auto (CUDA: the largest batch that fits free memory; CPU: 4)')
     g.add_argument('--channels_last', action=argparse.BooleanOptionalAction, default=None,
                    help='NHWC memory format for the networks (faster convolutions on CUDA)')
-    g.add_argument('--compile', action='store_true', default=None, help='torch.compile the UNet')
+    g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None, help='torch.compile the UNet')
     g.add_argument('--decoder', choices=('ddim', 'dpm++2m'),
                    help='renderer from x_T: ddim (released, T calls) or dpm++2m (DPM-Solver++, --decoder_steps calls)')
     g.add_argument('--decoder_steps', type=int, help='network calls of the dpm++2m decoder (default T)')
@@ -85,14 +86,14 @@ def parser(description: str, out_root: str, kind: str) -> argparse.ArgumentParse
     g.add_argument('--feather', type=float, help='feather sigma in crop pixels (with --blend feather)')
     g.add_argument('--save_frames', action=argparse.BooleanOptionalAction, default=None,
                    help='write every edited full-resolution frame as PNG (frames/)')
-    g.add_argument('--save_recon', action='store_true', default=None,
+    g.add_argument('--save_recon', action=argparse.BooleanOptionalAction, default=None,
                    help='also render the unedited reconstruction (one more DDIM pass; shown in side_by_side.mp4)')
     g.add_argument('--edit_norm', choices=('source', 'unit'),
                    help="'unit': L2-normalise the edited identity as released; 'source': keep the norm of the "
                         'averaged identity, so that scale 0 reproduces the reconstruction exactly')
     g.add_argument('--cache_dir', help='cache of alignments and inversions (default $DVA_CACHE or ~/.cache/dva)')
     g.add_argument('--no_cache', action='store_true', default=None, help='neither read nor write the cache')
-    g.add_argument('--quiet', action='store_true', default=None, help='no progress bars')
+    g.add_argument('--quiet', action=argparse.BooleanOptionalAction, default=None, help='no progress bars')
     g = p.add_argument_group('edit')
     if kind == 'classifier':
         g.add_argument('--attribute', nargs='+', help='one or more of: ' + ', '.join(CELEBA_ATTRIBUTES))
@@ -117,7 +118,7 @@ def parser(description: str, out_root: str, kind: str) -> argparse.ArgumentParse
         g.add_argument('--early_stop_tol', type=float, help='relative improvement that counts')
         g.add_argument('--clip_frame', type=int, help='index (in the selection) of the frame to optimise on')
         g.add_argument('--clip_weights', help='OpenAI ViT-B/16 weights (default pretrained_models/ViT-B-16.pt)')
-        g.add_argument('--clip_fp16', action='store_true', default=None, help='fp16 CLIP weights on CUDA, as released')
+        g.add_argument('--clip_fp16', action=argparse.BooleanOptionalAction, default=None, help='fp16 CLIP weights on CUDA, as released')
         g.add_argument('--direction', help='apply this saved direction instead of searching')
         g.add_argument('--random_clip', choices=('tiny', 'vit'), help=argparse.SUPPRESS)  # tests only
     kind_defaults = {'attribute': ['Mustache'], 'scale': [0.3]} if kind == 'classifier' else \
@@ -146,7 +147,8 @@ def to_config(args: argparse.Namespace) -> EditConfig:
         if not isinstance(stored, dict):
             raise SystemExit(f'--config {args.config}: not a config file (a JSON object, e.g. a result\'s config.json)')
         stored = dict(stored.get('config', stored))
-        stored.pop('overwrite', None)  # replacing results is decided by this command's flags, never by an old file
+        for key in ('overwrite', 'trust_checkpoint'):  # replacing results and unpickling code are decided by this
+            stored.pop(key, None)                       # command's flags, never by an old file
         data.update(stored)
     names = {f.name for f in fields(EditConfig)}
     data.update({k: v for k, v in vars(args).items() if k in names and v is not None})

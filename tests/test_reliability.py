@@ -439,7 +439,7 @@ def test_outputs_get_the_mode_of_the_umask(weights, clip, cache, tmp_path):
 
 def test_config_file_repeats_a_run_and_flags_override_it(weights, clip, cache, tmp_path):
     out = tmp_path / 'out'
-    editing_classifier.main(cls_args(weights, clip, out, cache, '--overwrite'))
+    editing_classifier.main(cls_args(weights, clip, out, cache, '--overwrite', '--save_recon'))
     stored = out / 'Mustache_0.30' / 'config.json'
     before = files(out / 'Mustache_0.30')
     # the file's own overwrite=True is not taken over: an existing result is replaced only when this command says so
@@ -449,8 +449,14 @@ def test_config_file_repeats_a_run_and_flags_override_it(weights, clip, cache, t
     after = files(out / 'Mustache_0.30')
     assert {k: v for k, v in after.items() if k != 'config.json'} == \
         {k: v for k, v in before.items() if k != 'config.json'}
-    # flags given override the file
-    editing_classifier.main(['--config', str(stored), '--out', str(tmp_path / 'new'), '--scale', '0.5'])
-    made = json.loads((tmp_path / 'new' / 'Mustache_0.50' / 'config.json').read_text())
-    assert made['config']['scale'] == [0.5] and made['config']['T'] == 5 and made['config']['template'] == 'tiny'
-    assert made['config']['overwrite'] is False and not (tmp_path / 'new' / 'Mustache_0.30').exists()
+    # flags given override the file, switches included; neither overwrite nor trust_checkpoint comes from a file
+    edited = json.loads(stored.read_text())
+    edited['config']['trust_checkpoint'] = True
+    (tmp_path / 'edited.json').write_text(json.dumps(edited))
+    new = tmp_path / 'new'
+    editing_classifier.main(['--config', str(tmp_path / 'edited.json'), '--out', str(new), '--scale', '0.5',
+                             '--no-save_recon'])
+    made = json.loads((new / 'Mustache_0.50' / 'config.json').read_text())['config']
+    assert made['scale'] == [0.5] and made['T'] == 5 and made['template'] == 'tiny' and made['save_recon'] is False
+    assert made['overwrite'] is False and made['trust_checkpoint'] is False
+    assert sorted(p.name for p in new.iterdir()) == ['Mustache_0.50', 'crops', 'summary.json', 'video.json']
