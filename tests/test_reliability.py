@@ -246,8 +246,8 @@ def landscape(size: tuple[int, int]) -> Image.Image:
 def test_faceless_frame_stays_as_it_was(weights, sample_video_dir, tmp_path):
     from video_io import FrameSource
 
-    video = real_frames(sample_video_dir, tmp_path / 'clip', [0, 2])
-    landscape(SIZE).save(video / '0001.png')  # between the two faces
+    video = real_frames(sample_video_dir, tmp_path / 'clip', [0])
+    landscape(SIZE).save(video / '0001.png')  # after the face
     src = {p.stem: np.asarray(Image.open(p).convert('RGB')) for p in sorted(video.glob('*.png'))}
     out, cache = tmp_path / 'out', tmp_path / 'cache'
     summary = editing_classifier.main(cls_args(weights, video, out, cache))
