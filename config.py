@@ -249,6 +249,9 @@ class EditConfig:
                 raise ValueError(f'--{name} lists {seen[0]!r} twice')
         if not self.attribute or not self.scale:
             raise ValueError('--attribute and --scale need at least one value each')
+        for name in self.attribute:  # it names output folders and direction files: never a path out of --out
+            if name in ('', '.', '..') or any(c in name for c in '/\\\0'):
+                raise ValueError(f'--attribute {name!r} cannot name a folder: no /, \\ or .. in it')
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -46,10 +46,12 @@ def main(argv: list[str] | None = None) -> dict:
 
         for path, out in outputs:  # before any heavy work
             ed.check_outputs(out, names(path, out))
+            check_search(cfg, ed, len(ed.open(path)[1]), weights)
 
         def edit_video(path: str, out) -> dict:
             folders = names(path, out)
             video = ed.encode(path)
+            ed.stage = None  # the search is not counted in frames: an interruption there says no frame count
             direction = ed.clip_direction(video, out)
             edits = [ed.edit(video, direction, s, name) for s, name in zip(cfg.scale, folders)]
             recon = ed.reconstruct(video) if cfg.save_recon else None
@@ -60,7 +62,30 @@ def main(argv: list[str] | None = None) -> dict:
 
         return flags.for_each_video(outputs, edit_video, ranks, outputs[0][1].parent, ed.log)
 
-    return flags.run(edit, editor)
+    return flags.run(edit, editor, outputs)
+
+
+def check_search(cfg, ed, n_frames: int, weights: str | None) -> None:
+    """What the direction search or load would fail on after the inversion, checked before it (EditError)."""
+    import zipfile
+
+    from editing.api import EditError
+
+    if cfg.direction:
+        from editing.clip_edit import load_direction
+
+        try:
+            load_direction(cfg.direction)
+        except Exception as e:  # noqa: BLE001 - any unreadable file: name it, before the work
+            raise EditError(f'--direction {cfg.direction}: not a readable direction file '
+                            f'({(str(e).splitlines() or [type(e).__name__])[0].split(". ")[0]})') from None
+        return
+    if cfg.clip_frame >= n_frames:
+        raise EditError(f'--clip_frame {cfg.clip_frame} is outside the {n_frames} selected frames')
+    if cfg.clip_fp16 and ed.device.type != 'cuda':
+        raise EditError(f'--clip_fp16 needs a CUDA device (this run uses {ed.device}): drop it')
+    if weights and not zipfile.is_zipfile(weights):
+        raise EditError(f'--clip_weights {weights}: not a complete weights archive (an interrupted download?)')
 
 
 if __name__ == '__main__':

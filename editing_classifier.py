@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         return flags.for_each_video(outputs, edit_video, ranks, outputs[0][1].parent, ed.log)
 
-    return flags.run(edit, editor)
+    return flags.run(edit, editor, outputs)
 
 
 if __name__ == '__main__':

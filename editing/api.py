@@ -224,8 +224,9 @@ def load_model(cfg: EditConfig):
         model, dva_cfg, meta = load_dva(ckpt, templates.get_preset(cfg.template), which='ema',
                                         trust=cfg.trust_checkpoint)
     except WeightsError as e:
-        raise EditError(f'{e}\n(checkpoints without a stored config are read with --template {cfg.template}; '
-                        f'choose the preset they were trained with: {", ".join(sorted(templates.PRESETS))})'
+        raise EditError(f'{ckpt} does not fit --template {cfg.template} (a checkpoint without a stored config is '
+                        f'built from --template): pass the preset it was trained with, one of '
+                        f'{", ".join(sorted(templates.PRESETS))}'
                         if 'key' in str(e).lower() else str(e)) from None
     check_T(cfg.T, dva_cfg.diffusion.num_timesteps)
     return ckpt, model, dva_cfg, meta

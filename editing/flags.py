@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import fields, replace
 from pathlib import Path
@@ -33,7 +32,8 @@ def parser(description: str, out_root: str, kind: str) -> argparse.ArgumentParse
     """Every flag of one editor (kind 'classifier' or 'clip'); the released flags keep their names and meanings.
     Defaults are EditConfig's (shown once, by the formatter)."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument('--config', default=None, help="repeat a run: an output's config.json (flags given here override)")
+    p.add_argument('--config', default=None, help="repeat a run: an output's config.json (flags given here override; "
+                                                  '--overwrite and --trust_checkpoint are never taken from it)')
     g = p.add_argument_group('input')
     g.add_argument('--video_path', nargs='+',
                    help='a frame folder (image files, natural sort; other files ignored) or a video file (mp4, mov, '
@@ -42,7 +42,7 @@ def parser(description: str, out_root: str, kind: str) -> argparse.ArgumentParse
     g.add_argument('--max_num', type=int, help='edit at most this many frames (from --start)')
     g.add_argument('--start', type=int, help='first frame index')
     g.add_argument('--end', type=int, help='frame index to stop before (default: the last frame)')
-    g.add_argument('--aligned', action='store_true', default=None,
+    g.add_argument('--aligned', action=argparse.BooleanOptionalAction, default=None,
                    help='the frames already are aligned square face crops (FFHQ-style): no face detection; the edit '
                         'replaces the face region of each whole frame')
     g.add_argument('--max_upsample', type=int, help='frames where dlib finds no face are searched again at upsampling '
@@ -58,7 +58,7 @@ def parser(description: str, out_root: str, kind: str) -> argparse.ArgumentParse
                    help='frames per network batch, or auto (CUDA: the largest batch that fits free memory; CPU: 4)')
     g.add_argument('--channels_last', action=argparse.BooleanOptionalAction, default=None,
                    help='NHWC memory format for the networks (faster convolutions on CUDA)')
-    g.add_argument('--compile', action='store_true', default=None, help='torch.compile the UNet')
+    g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None, help='torch.compile the UNet')
     g.add_argument('--decoder', choices=('ddim', 'dpm++2m'),
                    help='renderer from x_T: ddim (released, T calls) or dpm++2m (DPM-Solver++, --decoder_steps calls)')
     g.add_argument('--decoder_steps', type=int, help='network calls of the dpm++2m decoder (default T)')
@@ -88,14 +88,14 @@ def parser(description: str, out_root: str, kind: str) -> argparse.ArgumentParse
     g.add_argument('--feather', type=float, help='feather sigma in crop pixels (with --blend feather)')
     g.add_argument('--save_frames', action=argparse.BooleanOptionalAction, default=None,
                    help='write every edited full-resolution frame as PNG (frames/)')
-    g.add_argument('--save_recon', action='store_true', default=None,
+    g.add_argument('--save_recon', action=argparse.BooleanOptionalAction, default=None,
                    help='also render the unedited reconstruction (one more DDIM pass; shown in side_by_side.mp4)')
     g.add_argument('--edit_norm', choices=('source', 'unit'),
                    help="'unit': L2-normalise the edited identity as released; 'source': keep the norm of the "
                         'averaged identity, so that scale 0 reproduces the reconstruction exactly')
     g.add_argument('--cache_dir', help='cache of alignments and inversions (default $DVA_CACHE or ~/.cache/dva)')
     g.add_argument('--no_cache', action='store_true', default=None, help='neither read nor write the cache')
-    g.add_argument('--quiet', action='store_true', default=None, help='no progress bars')
+    g.add_argument('--quiet', action=argparse.BooleanOptionalAction, default=None, help='no progress bars')
     g = p.add_argument_group('edit')
     if kind == 'classifier':
         g.add_argument('--attribute', nargs='+', help='one or more of: ' + ', '.join(CELEBA_ATTRIBUTES))
@@ -120,16 +120,21 @@ def parser(description: str, out_root: str, kind: str) -> argparse.ArgumentParse
         g.add_argument('--early_stop_tol', type=float, help='relative improvement that counts')
         g.add_argument('--clip_frame', type=int, help='index (in the selection) of the frame to optimise on')
         g.add_argument('--clip_weights', help='OpenAI ViT-B/16 weights (default pretrained_models/ViT-B-16.pt)')
-        g.add_argument('--clip_fp16', action='store_true', default=None, help='fp16 CLIP weights on CUDA, as released')
+        g.add_argument('--clip_fp16', action=argparse.BooleanOptionalAction, default=None,
+                       help='fp16 CLIP weights on CUDA, as released')
         g.add_argument('--direction', help='apply this saved direction instead of searching')
         g.add_argument('--random_clip', choices=('tiny', 'vit'), help=argparse.SUPPRESS)  # tests only
     kind_defaults = {'attribute': ['Mustache'], 'scale': [0.3]} if kind == 'classifier' else \
         {'attribute': ['beards'], 'scale': [1.0], 'id_loss_w': 5.0, 'clip_weights': 'pretrained_models/ViT-B-16.pt'}
     shown = {f.name: getattr(DEFAULTS, f.name) for f in fields(EditConfig)}
     shown.update(kind_defaults)
-    for action in p._actions:  # the defaults shown in --help; the values themselves come from `to_config`
-        if action.dest in shown and action.help is not argparse.SUPPRESS:
-            action.help = (action.help or '') + f' (default: {shown[action.dest]})'
+    for action in p._actions:  # the defaults shown in --help, once; the values themselves come from `to_config`
+        value = shown.get(action.dest)
+        if action.dest not in shown or action.help is argparse.SUPPRESS or value in (None, '') or \
+                '(default' in (action.help or ''):  # no default, or the help already says what it is
+            continue
+        text = ' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value
+        action.help = (action.help or '') + f' (default: {text})'
     p.set_defaults(_kind_defaults=kind_defaults)
     return p
 
@@ -142,7 +147,12 @@ def to_config(args: argparse.Namespace) -> EditConfig:
             stored = json.loads(Path(args.config).read_text())
         except (OSError, ValueError) as e:
             raise SystemExit(f'--config {args.config}: cannot read it ({e})') from None
-        data.update(stored.get('config', stored))
+        if not isinstance(stored, dict):
+            raise SystemExit(f'--config {args.config}: not a config file (a JSON object, e.g. a result\'s config.json)')
+        stored = dict(stored.get('config', stored))
+        for key in ('overwrite', 'trust_checkpoint'):  # replacing results and unpickling code are decided by this
+            stored.pop(key, None)                       # command's flags, never by an old file
+        data.update(stored)
     names = {f.name for f in fields(EditConfig)}
     data.update({k: v for k, v in vars(args).items() if k in names and v is not None})
     videos = data.get('video_path') or ''
@@ -193,12 +203,15 @@ def outputs_of(videos: list[str], cfg: EditConfig, default_root: str) -> list[tu
 
 def preflight(cfg: EditConfig, outputs: list[tuple[str, Path]], files: list[tuple[str, str | None]]) -> None:
     """Check, before anything heavy, every input and file the run will need and that the output folders can be
-    written; SystemExit with one line naming the flag and the fix."""
+    written and hold no other video; SystemExit with one line naming the flag and the fix."""
+    import templates
     from editing.api import resolve_checkpoint
 
     for video, _ in outputs:
         if not Path(video).exists():
             raise SystemExit(f'--video_path {video}: not found')
+    if cfg.template not in templates.PRESETS:
+        raise SystemExit(f'--template {cfg.template}: unknown; choose one of {", ".join(sorted(templates.PRESETS))}')
     needed = [('--checkpoint', str(resolve_checkpoint(cfg.checkpoint)))] + files
     for flag, path in needed:
         if path is not None and not Path(path).is_file():
@@ -211,27 +224,79 @@ def preflight(cfg: EditConfig, outputs: list[tuple[str, Path]], files: list[tupl
 
             find_shape_predictor(cfg.pretrained_dir)
         except FileNotFoundError as e:
-            raise SystemExit(str(e)) from None
-    for _, out in outputs:
-        probe = out
-        while not probe.exists():
-            probe = probe.parent
-        if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-            raise SystemExit(f'--out {out}: {probe} is not a writable folder; choose another --out')
+            raise SystemExit(f'--pretrained_dir {cfg.pretrained_dir}: {e} (or pass --aligned for aligned crops)'
+                             ) from None
+    for video, out in outputs:
+        check_out(out)
+        if _exists(out / 'video.json'):
+            try:
+                other = json.loads((out / 'video.json').read_text()).get('source')
+            except (OSError, ValueError, AttributeError):
+                other = None
+            this = {'path': video, 'start': cfg.start, 'end': cfg.end, 'max_num': cfg.max_num}
+            if isinstance(other, dict) and other != this:  # the check `Editor.write` makes, made before the work
+                raise SystemExit(f'--out {out} holds the results of another video or frame selection '
+                                 f'({_selection(other)}; this run: {_selection(this)}): use one --out folder per video')
 
 
-def run(main: Callable[[], dict], editor_ref: list) -> dict:
-    """Run a script body; a user error ends with its one-line message, Ctrl-C with how to resume, the failure of a
-    rank with the frames it was working on."""
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name too long for the file system, a loop of links
+        return False
+
+
+def _selection(source: dict) -> str:
+    extra = ', '.join(f'{k} {source.get(k)}' for k in ('start', 'end', 'max_num') if source.get(k) not in (None, 0))
+    return f'{source.get("path")}' + (f' with {extra}' if extra else '')
+
+
+def check_out(out: Path) -> None:
+    """SystemExit naming --out unless the output folder can be made and written. Tried for real (a probe folder
+    made and removed in the nearest existing folder), since permission bits do not stop root and some folders
+    refuse writes whatever they say (read-only mounts, /proc, names too long)."""
+    import shutil
+    import tempfile
+
+    probe = out
+    while not _exists(probe) and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise SystemExit(f'--out {out}: {probe} is a file, not a folder; choose another --out')
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix='.dva-probe-', dir=probe))
+    except OSError as e:
+        raise SystemExit(f'--out {out}: cannot write in {probe} ({e.strerror or e}); choose another --out') from None
+    try:
+        if out != probe:
+            (tmp / out.relative_to(probe)).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f'--out {out}: cannot be made ({e.strerror or e}); choose another --out') from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(main: Callable[[], dict], editor_ref: list, outputs: list[tuple[str, Path]] = ()) -> dict:
+    """Run a script body: a user error ends with its one-line message, Ctrl-C with how to resume, a full disk with
+    the stage it stopped, the failure of a rank with the frames it was working on. Output folders that a failed run
+    made and left empty are removed."""
     from editing import distributed
     from editing.api import EditError
 
     def where() -> str:
         status = editor_ref[0].done_frames() if editor_ref else None
+        if status and status[0] == 'write':  # the renders are kept; the results are written again from them
+            return ' (the results were being written: the rendered frames are kept)'
         return f' ({status[1]} of {status[2]} frames of the {status[0]} stage done)' if status else ''
 
+    fresh = [out for _, out in outputs if not _exists(out)]
     try:
-        return main()
+        try:
+            return main()
+        except BaseException:
+            for out in fresh:
+                _remove_empty(out)
+            raise
     except EditError as e:
         raise SystemExit(str(e)) from None
     except distributed.RankError as e:
@@ -239,6 +304,11 @@ def run(main: Callable[[], dict], editor_ref: list) -> dict:
     except KeyboardInterrupt:
         print(f'\ninterrupted: re-run the same command to resume{where()}', file=sys.stderr)
         raise SystemExit(130) from None
+    except OSError as e:  # a full disk, a folder that went away: what failed, in one line, and how to go on
+        status = editor_ref[0].done_frames() if editor_ref else None
+        stage = f' in the {status[0]} stage' if status else ''
+        raise SystemExit(f'failed{stage}: {e}. Fix that and re-run the same command: it resumes from the finished '
+                         'work') from None
     except Exception as e:
         ranks = editor_ref[0].ranks if editor_ref else None
         if ranks is not None and ranks.enabled:  # say which rank and frames failed before the traceback
@@ -248,6 +318,20 @@ def run(main: Callable[[], dict], editor_ref: list) -> dict:
         if editor_ref:
             editor_ref[0].close()
         distributed.close()
+
+
+def _remove_empty(folder: Path) -> None:
+    """Remove `folder` and the folders under it that hold no file (best effort: never masks the run's error)."""
+    try:
+        if not folder.is_dir():
+            return
+        for sub in sorted((p for p in folder.rglob('*') if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            if not any(sub.iterdir()):
+                sub.rmdir()
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    except OSError:
+        pass
 
 
 def for_each_video(outputs: list[tuple[str, Path]], edit_video: Callable[[str, Path], dict], ranks,
