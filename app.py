@@ -114,7 +114,7 @@ def build_page(demo: Demo, default_T: int):
 
     def on_pick(name, results):
         r = (results or {}).get(name)
-        if r is None:
+        if r is None or not all(p.is_file() for p in r.downloads):  # gone with the session
             return gr.update(), gr.update(), gr.update(), gr.update()
         return str(r.video), str(r.side_by_side), [str(p) for p in r.downloads], config_text(r)
 
@@ -202,7 +202,7 @@ def build_page(demo: Demo, default_T: int):
                             **kw)
         e5 = clip_btn.click(guarded(on_clip, edit_error), [src, trg, clip_scale, clip_extra, clip_iters] + advanced
                             + range_in, edit_out, **kw)
-        pick.change(on_pick, [pick, results], [video, side, files, config])
+        pick.input(on_pick, [pick, results], [video, side, files, config])
         stop.click(on_stop, None, None, cancels=[e1, e2, e3, e4, e5], concurrency_limit=None)
         page.unload(on_unload)
     return page
