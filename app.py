@@ -15,6 +15,7 @@ import functools
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -144,9 +145,9 @@ def build_page(demo: Demo, default_T: int):
             with gr.Column():
                 with gr.Row():
                     frame_img = gr.Image(label='first frame and the face found', type='filepath', interactive=False,
-                                         elem_id='preview_frame', scale=3)
+                                         elem_id='preview_frame', scale=3, height=260)
                     crop_img = gr.Image(label='aligned crop', type='filepath', interactive=False,
-                                        elem_id='preview_crop', scale=1)
+                                        elem_id='preview_crop', scale=1, height=260)
                 preview_md = gr.Markdown('Upload a video to see the face found in it.', elem_id='preview_status')
         with gr.Tabs():
             with gr.Tab('CelebA attributes'):
@@ -171,8 +172,9 @@ def build_page(demo: Demo, default_T: int):
                             elem_id='T')
             decoder = gr.Radio([('DDIM', 'ddim'), ('DPM-Solver++', 'dpm++2m')], value='ddim', label='decoder')
             blend = gr.Radio(['hard', 'feather'], value='hard', label='blend (face mask edge)')
-        stop = gr.Button('stop', variant='stop', elem_id='stop')
-        status = gr.Markdown(elem_id='status')
+        with gr.Row():
+            status = gr.Markdown(elem_id='status')
+            stop = gr.Button('stop', variant='stop', elem_id='stop', size='sm', scale=0, min_width=120)
         pick = gr.Dropdown([], label='result', elem_id='result_pick')
         with gr.Row():
             video = gr.Video(label='edit', elem_id='result_video', interactive=False)
@@ -180,7 +182,7 @@ def build_page(demo: Demo, default_T: int):
         with gr.Row():
             files = gr.File(label='downloads: edit, side by side, frames (zip), config', file_count='multiple',
                             interactive=False, elem_id='downloads')
-            config = gr.Code(language='json', label='config.json', elem_id='config')
+            config = gr.Textbox(label='config.json', lines=12, max_lines=12, elem_id='config', buttons=['copy'])
         results = gr.State({})
 
         range_in = [start, end, cap]
@@ -217,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f'--max_upload: {e}') from None
     root = Path(tempfile.mkdtemp(prefix='dva-demo-', dir=args.tmp_dir))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill`, docker stop: the folder goes too
     os.environ['GRADIO_TEMP_DIR'] = str(root / 'gradio')  # the web server's copies of uploads stay in `root` too
     cfg = EditConfig(checkpoint=args.checkpoint, cls_checkpoint=args.cls_checkpoint, clip_weights=args.clip_weights,
                      template=args.template, pretrained_dir=args.pretrained_dir, device=args.device,
