@@ -20,9 +20,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 from config import EditConfig
-from conftest import ROOT
 from demo.inputs import InputError
 from demo.jobs import Cancelled, Demo, EditRequest, random_weights
 from video_io import read_video_info
@@ -105,8 +105,9 @@ def test_user_errors_are_messages(demo, tmp_path):
         demo.receive('k3', notes)
     assert not notes.exists()  # the web server's copy goes in every case
     blank = tmp_path / 'blank.mp4'
-    from video_io import write_video
     import numpy as np
+
+    from video_io import write_video
 
     write_video(blank, [np.full((64, 96, 3), 40, np.uint8)] * 3, fps=10)
     demo.receive('k3', blank)
@@ -122,7 +123,7 @@ def test_user_errors_are_messages(demo, tmp_path):
 
 
 def test_a_stopped_edit_stops_its_work(demo, test_videos_dir, tmp_path, monkeypatch):
-    import editing.core as core
+    from editing import core
 
     real, started, calls = core.ddim_invert, threading.Event(), []
 
