@@ -31,8 +31,11 @@ log = logging.getLogger('dva.app')
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--host', default='127.0.0.1', help='address to serve on (0.0.0.0: every interface)')
-    p.add_argument('--port', type=int, default=7860, help='port (0: a free one)')
+    p.add_argument('--host', default=os.environ.get('GRADIO_SERVER_NAME', '127.0.0.1'),
+                   help='address to serve on (0.0.0.0: every interface; default $GRADIO_SERVER_NAME, as a Hugging '
+                        'Face Space sets it, else 127.0.0.1)')
+    p.add_argument('--port', type=int, default=int(os.environ.get('GRADIO_SERVER_PORT', '7860')),
+                   help='port (default $GRADIO_SERVER_PORT, else 7860)')
     p.add_argument('--share', action='store_true', help='also publish the page through a gradio.live link')
     p.add_argument('--checkpoint', help='DVA checkpoint (default checkpoints/diffusion_video_autoencoder/'
                                         'epoch=51-step=1000000.ckpt, else last.ckpt there)')
@@ -238,8 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     gr.set_static_paths([str(demo.sessions.root)])  # results are served from the session folders, not copied
     page = build_page(demo, args.T)
     page.queue(default_concurrency_limit=1)
-    page.launch(server_name=args.host, server_port=args.port or None, share=args.share, max_file_size=max_bytes,
-                show_error=False, allowed_paths=[str(demo.sessions.root)])
+    page.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=max_bytes,
+                show_error=False)
 
 
 if __name__ == '__main__':

@@ -275,6 +275,7 @@ class Demo:
         self.sample = Path(sample) if sample and _has_frames(Path(sample)) else None
         self.checkpoint, self.model, _ = load_model(self.cfg)
         self.gpu, self.cpu = Worker('gpu'), Worker('preview')
+        self._detector = None
         self.sessions = Sessions(self.root / 'sessions', session_ttl, on_close=self.stop,
                                  busy=lambda key: self.gpu.busy(key) or self.cpu.busy(key))
 
@@ -287,6 +288,9 @@ class Demo:
         path = Path(path)
         name = safe_name(name or path.name)
         try:
+            if self.gpu.busy(key):
+                raise InputError('an edit of this page is running on the current video: wait for it or stop it '
+                                 'before uploading another')
             kind = check_upload(path, self.max_bytes, name)
             folder = session.new_upload()
             if kind == 'zip':
@@ -329,10 +333,12 @@ class Demo:
         from faces import DlibDetector, NoFaceError, align_video, crop_face
 
         selection, source = self._selection(session, start, end, cap)
-        try:
-            detector = DlibDetector(pretrained_dir=self.cfg.pretrained_dir)
-        except (ImportError, FileNotFoundError) as e:
-            raise InputError(f'the face detector is not available on this server: {e}') from None
+        if self._detector is None:  # loaded once; used by the preview worker thread only
+            try:
+                self._detector = DlibDetector(pretrained_dir=self.cfg.pretrained_dir)
+            except (ImportError, FileNotFoundError) as e:
+                raise InputError(f'the face detector is not available on this server: {e}') from None
+        detector = self._detector
         try:
             alignment = align_video(source, detector, self.cfg.center_sigma, self.cfg.xy_sigma, progress=True,
                                     keep_landmarks=False)

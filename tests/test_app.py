@@ -75,6 +75,9 @@ def test_preview_edit_reuse_and_session_folder(demo, test_videos_dir, tmp_path):
         in second.text
     assert json.loads(second.results[0].config.read_text())['blend'] == 'feather'
     assert first.results[0].video.is_file()  # a later run never replaces an earlier run's files
+    third = demo.edit('k1', EditRequest('classifier', [0.2], attributes=['Bald'], T=T, decoder='dpm++2m'))
+    assert json.loads(third.results[0].config.read_text())['config']['decoder'] == 'dpm++2m'
+    assert third.summary['cache_hits']['invert'] and read_video_info(third.results[0].video)[0] == N_FRAMES
     # everything the session made is inside its folder, and goes with it
     assert list(session.cache_dir.glob('encode-*')) and first.results[0].folder.is_relative_to(session.folder)
     demo.close('k1')
@@ -94,6 +97,29 @@ def test_clip_edit_finds_the_direction_once(demo, test_videos_dir, tmp_path):
     assert [r.name for r in again.results] == ['face_with_beard_0.50', 'face_with_beard_2.00']
     assert directions[0].stat().st_mtime_ns == mtime and again.summary['cache_hits']['invert']
     demo.close('k2')
+
+
+def test_zip_of_frames_and_the_sample(demo, sample_video_dir, test_videos_dir, tmp_path):
+    frames = sorted(sample_video_dir.glob('*.jpeg'))[:3]
+    upload = tmp_path / 'web' / 'talk.zip'
+    upload.parent.mkdir()
+    with zipfile.ZipFile(upload, 'w') as zf:
+        for p in frames:
+            zf.write(p, f'talk/{p.name}')
+    session = demo.receive('k5', upload)
+    path, name = session.input
+    assert name == 'talk.zip' and path.is_relative_to(session.folder) and len(list(path.iterdir())) == 3
+    p = demo.preview('k5', 1, None, None)
+    assert 'talk.zip**: 1920×1080; editing frames 1–2 of 3 (2 frames)' in p.text
+    demo.sample = test_videos_dir / 'sample_24f_540p.mp4'
+    try:
+        demo.use_sample('k5')
+        assert not path.exists()  # the previous input's files go
+        assert 'sample_24f_540p.mp4**: 960×540, 25 fps' in demo.preview('k5', 0, None, 2).text
+    finally:
+        demo.sample = None
+    assert (test_videos_dir / 'sample_24f_540p.mp4').is_file()  # the server's sample is never moved
+    demo.close('k5')
 
 
 def test_user_errors_are_messages(demo, tmp_path):

@@ -209,3 +209,24 @@ def test_parse_scales_and_safe_names():
     assert safe_name('../../etc/passwd') == 'passwd'
     assert safe_name('my clip (1).MP4') == 'my_clip_1.mp4'
     assert safe_name('..') == 'upload'
+
+
+def test_worker_runs_one_job_at_a_time():
+    worker, running, peak, lock = Worker('test'), [0], [0], threading.Lock()
+
+    def job():
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return threading.get_ident()
+
+    threads = [threading.Thread(target=lambda k=k: worker.run(f'user{k}', job)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert peak[0] == 1
+    worker.shutdown()
