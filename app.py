@@ -134,7 +134,8 @@ def build_page(demo: Demo, default_T: int):
                     'edited once for the whole video, so every frame changes the same way '
                     '([paper](https://arxiv.org/abs/2212.02802)). Upload a short video or a zip of frames, check '
                     f'the face in the preview, then edit. At most {cap_limit} frames and '
-                    f'{format_size(demo.max_bytes)} per upload; your files are deleted when you close the page.')
+                    f'{format_size(demo.max_bytes)} per upload; your files are deleted when you close the page '
+                    f'(or after {demo.sessions.ttl / 60:.0f} minutes without a request).')
         with gr.Row():
             with gr.Column():
                 upload = gr.File(label='video file or zip of frames', type='filepath', elem_id='upload')

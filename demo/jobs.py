@@ -291,6 +291,7 @@ class Demo:
             if self.gpu.busy(key):
                 raise InputError('an edit of this page is running on the current video: wait for it or stop it '
                                  'before uploading another')
+            session.input = None  # a refused upload leaves no input behind it to edit by mistake
             kind = check_upload(path, self.max_bytes, name)
             folder = session.new_upload()
             if kind == 'zip':

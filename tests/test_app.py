@@ -122,14 +122,17 @@ def test_zip_of_frames_and_the_sample(demo, sample_video_dir, test_videos_dir, t
     demo.close('k5')
 
 
-def test_user_errors_are_messages(demo, tmp_path):
+def test_user_errors_are_messages(demo, test_videos_dir, tmp_path):
     with pytest.raises(InputError, match='upload a video file or a zip of frames first'):
         demo.preview('k3', 0, None, None)
+    demo.receive('k3', upload_copy(test_videos_dir / 'sample_24f_540p.mp4', tmp_path / 'web'))
     notes = tmp_path / 'notes.txt'
     notes.write_text('hello')
     with pytest.raises(InputError, match='notes.txt is not a video file'):
         demo.receive('k3', notes)
     assert not notes.exists()  # the web server's copy goes in every case
+    with pytest.raises(InputError, match='upload a video file or a zip of frames first'):
+        demo.edit('k3', EditRequest('classifier', [0.3], attributes=['Bald'], T=T))  # not the earlier video
     blank = tmp_path / 'blank.mp4'
     import numpy as np
 
