@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         demo = Demo(cfg, root, max_bytes, args.max_frames, args.session_ttl, args.max_edits, args.sample)
     except EditError as e:
-        raise SystemExit(f'{e}\n(bash download_requirements.sh fetches the released weights)') from None
+        raise SystemExit(str(e)) from None
     atexit.register(demo.shutdown)
     demo.sessions.start_sweeper()
     gr.set_static_paths([str(demo.sessions.root)])  # results are served from the session folders, not copied
