@@ -11,7 +11,6 @@ adds the time left to each bar's label.
 """
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import ctypes
 import json
@@ -288,9 +287,7 @@ class Demo:
         path = Path(path)
         name = safe_name(name or path.name)
         try:
-            if self.gpu.busy(key):
-                raise InputError('an edit of this page is running on the current video: wait for it or stop it '
-                                 'before uploading another')
+            self._check_idle(key)
             session.input = None  # a refused upload leaves no input behind it to edit by mistake
             kind = check_upload(path, self.max_bytes, name)
             folder = session.new_upload()
@@ -301,8 +298,6 @@ class Demo:
                 shutil.move(path, target)
         finally:
             path.unlink(missing_ok=True)  # the web server's copy of the upload
-            with contextlib.suppress(OSError):
-                path.parent.rmdir()
         session.input = (target, name)
         return session
 
@@ -310,9 +305,15 @@ class Demo:
         if self.sample is None:
             raise InputError('this server has no sample video')
         session = self.sessions.get(key)
+        self._check_idle(key)
         session.new_upload()
         session.input = (self.sample, self.sample.name)
         return session
+
+    def _check_idle(self, key: str) -> None:
+        if self.gpu.busy(key):
+            raise InputError('an edit of this page is running on the current video: wait for it or stop it before '
+                             'choosing another video')
 
     def _selection(self, session: Session, start: int | None, end: int | None, cap: int | None):
         if session.input is None:
