@@ -214,7 +214,8 @@ def server(browser_tools, test_videos_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp('app') / 'app.log'
     cmd = [sys.executable, 'app.py', '--host', '127.0.0.1', '--port', str(port), '--template', 'tiny',
            '--random_weights', '--device', 'cpu', '--T', str(T), '--max_frames', str(N_FRAMES),
-           '--sample', str(test_videos_dir / 'sample_24f_540p.mp4'), '--tmp_dir', str(log.parent)]
+           '--sample', str(test_videos_dir / 'sample_24f_540p.mp4'), '--tmp_dir', str(log.parent),
+           '--max_upload', '1MB']
     with open(log, 'wb') as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     url = f'http://127.0.0.1:{port}/'
@@ -366,6 +367,8 @@ def test_edit_in_the_browser(page, test_videos_dir, tmp_path):
 
 
 def test_bad_uploads_get_messages_in_the_page(page, tmp_path):
+    from selenium.webdriver.common.by import By
+
     notes = tmp_path / 'notes.txt'
     notes.write_text('these are not frames')
     upload(page, notes)
@@ -378,4 +381,14 @@ def test_bad_uploads_get_messages_in_the_page(page, tmp_path):
     upload(page, escaping)
     text = wait_for(page, 'preview_status', 'escape.png')
     assert "Error: the zip entry '../../escape.png' points outside the zip's folder: refused" in text
+    big = tmp_path / 'big.mp4'
+    big.write_bytes(bytes(2_000_000))
+    upload(page, big)  # refused by the page before it is sent (the server refuses it too)
+    deadline = time.monotonic() + 30
+    while not any('big.mp4' in e.text for e in page.find_elements(By.CSS_SELECTOR, '[data-testid="toast-body"]')):
+        assert time.monotonic() < deadline, 'no message about the size limit'
+        time.sleep(0.2)
+    toast = next(e.text for e in page.find_elements(By.CSS_SELECTOR, '[data-testid="toast-body"]')
+                 if 'big.mp4' in e.text)
+    assert 'exceed the maximum allowed size' in toast
     assert 'Traceback' not in page.page_source
