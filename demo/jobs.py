@@ -403,12 +403,14 @@ class Demo:
         if n > self.max_edits:
             raise InputError(f'{n} edits at once; this server renders at most {self.max_edits} per request')
 
-    def editor(self, session: Session, request: EditRequest):
-        """An Editor with the loaded model, the request's T, decoder and blend, and the session's cache."""
+    def editor(self, session: Session, request: EditRequest, selection: Selection):
+        """An Editor with the loaded model, the request's T, decoder and blend, the selected frames and the session's
+        cache (so its config.json records the run as the command-line editors' do)."""
         from editing.api import Editor
 
         cfg = replace(self.cfg, T=request.T, decoder=request.decoder, decoder_steps=None, blend=request.blend,
-                      cache_dir=str(session.cache_dir))
+                      cache_dir=str(session.cache_dir), video_path=str(selection.path), start=selection.start,
+                      end=selection.end, max_num=selection.max_num)
         editor = Editor(cfg, model=self.model, checkpoint=str(self.checkpoint))
         if self.cfg.batch_size == 'auto':  # probed once
             self.cfg = replace(self.cfg, batch_size=editor.batch_size)
@@ -420,10 +422,9 @@ class Demo:
         selection, _ = self._selection(session, start, end, cap)
         session.runs += 1
         out = session.results_dir() / f'run{session.runs}'  # new file names per run: no stale video in a browser
-        editor = self.editor(session, request)
+        editor = self.editor(session, request, selection)
         try:
-            video = editor.encode(str(selection.path), start=selection.start, end=selection.end,
-                                  max_num=selection.max_num)
+            video = editor.encode()
             if request.mode == 'classifier':
                 directions = {a: editor.classifier_direction(a) for a in request.attributes}
                 planned = [(directions[a], s, f'{a}_{scale_name(s)}') for a in request.attributes
@@ -436,10 +437,7 @@ class Demo:
                 direction = editor.clip_direction(video, session.results_dir(), clip_cfg)
                 planned = [(direction, s, f'{name}_{scale_name(s)}') for s in request.scales]
             edits = [editor.edit(video, d, s, n) for d, s, n in planned]
-            summary = editor.write(video, edits, out, None, {'command': 'app.py', 'input': selection.name,
-                                                             'selection': {'start': selection.start,
-                                                                           'end': selection.end,
-                                                                           'max_num': selection.max_num}})
+            summary = editor.write(video, edits, out, None, {'command': 'app.py', 'input': selection.name})
         finally:
             editor.close()
         results = [Result(r.name, out / r.name, zip_frames(out / r.name / 'frames',

@@ -68,7 +68,10 @@ def test_preview_edit_reuse_and_session_folder(demo, test_videos_dir, tmp_path):
         assert read_video_info(r.video)[0] == N_FRAMES and read_video_info(r.side_by_side)[0] == N_FRAMES
         with zipfile.ZipFile(r.frames_zip) as zf:
             assert len([n for n in zf.namelist() if n.endswith('.png')]) == N_FRAMES
-        assert json.loads(r.config.read_text())['config']['T'] == T
+        cfg = json.loads(r.config.read_text())
+        assert cfg['config']['T'] == T and cfg['input'] == 'sample_24f_540p.mp4'
+        assert (cfg['config']['start'], cfg['config']['max_num']) == (0, N_FRAMES)
+        assert Path(cfg['config']['video_path']).is_relative_to(session.folder)
     second = demo.edit('k1', EditRequest('classifier', [-0.5], attributes=['Smiling'], T=T, blend='feather'))
     assert second.summary['cache_hits'] == {'align': True, 'invert': True}
     assert '**Inversion reused from the cache**: each edit cost 5 network calls per frame (T = 5) instead of 9' \
