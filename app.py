@@ -47,16 +47,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('--device', default='auto', help='auto (CUDA when available, else CPU), cpu, cuda or cuda:N')
     p.add_argument('--precision', default='fp32', choices=('fp32', 'fp16', 'bf16'),
                    help='fp16/bf16: autocast of the network on CUDA')
-    p.add_argument('--batch_size', default='auto', help='frames per network batch, or auto')
-    p.add_argument('--T', type=int, default=20, choices=T_CHOICES, help='the page\'s default DDIM steps (the '
-                                                                         'paper\'s tables use 100)')
+    p.add_argument('--batch_size', default='auto', help='frames per network batch, or auto (default)')
+    p.add_argument('--T', type=int, default=20, choices=T_CHOICES, help='the page\'s default DDIM steps (default 20; '
+                                                                         'the paper\'s tables use 100)')
     p.add_argument('--sample', default='sample_video', help='the video offered as "sample video" (frame folder or '
                                                             'video file; hidden when absent)')
-    p.add_argument('--max_upload', default='500MB', help='upload size limit (also for a zip\'s extracted frames)')
-    p.add_argument('--max_frames', type=int, default=300, help='frame cap: at most this many frames per edit')
-    p.add_argument('--max_edits', type=int, default=8, help='at most this many (attribute, scale) edits per request')
+    p.add_argument('--max_upload', default='500MB', help='upload size limit, also for a zip\'s extracted frames (default 500MB)')
+    p.add_argument('--max_frames', type=int, default=300, help='frame cap: at most this many frames per edit (default 300)')
+    p.add_argument('--max_edits', type=int, default=8, help='at most this many (attribute, scale) edits per request (default 8)')
     p.add_argument('--session_ttl', type=float, default=3600,
-                   help='seconds without a request after which a session\'s files are removed')
+                   help='seconds without a request after which a session\'s files are removed (default 3600)')
     p.add_argument('--tmp_dir', help='parent of the demo\'s temporary folder (default: the system\'s)')
     p.add_argument('--random_weights', action='store_true', help=argparse.SUPPRESS)  # tests: random tiny weights
     return p
