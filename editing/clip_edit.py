@@ -406,6 +406,75 @@ def identity_optimizer(e: Tensor, lr: float) -> torch.optim.Adam:
     return torch.optim.Adam([e], lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0.0)
 
 
+def optimise_identity(
+    net: Callable[[Tensor, Tensor, Tensor], Tensor],
+    combine: Callable[[Tensor, Tensor], Tensor],
+    clip_loss: CLIPDirectionalLoss,
+    ref: SearchReference,
+    *,
+    n_iter: int,
+    lr: float,
+    weights: tuple[float, float, float],
+    first_step: FirstStep = 'projected',
+    early_stop_patience: int | None = None,
+    early_stop_tol: float = 1e-4,
+    progress: str | None = None,
+    snapshot_every: int = 100,
+    snapshot_fn: Callable[[int, Tensor], None] | None = None,
+    callback: Callable[[int, dict[str, Tensor]], None] | None = None,
+) -> tuple[Tensor, list[dict[str, float]], bool]:
+    """The optimisation loop of `find_clip_direction` on a fixed `ref`: e starts at ref.z0 and takes n_iter Adam
+    steps on clip_w * clip + id_w * id + l1_w * l1 (weights = (clip_w, id_w, l1_w)); at iteration 0 with
+    `first_step='projected'` the gradient is that of clip_w * projected + id_w * id (same recorded loss value; see
+    `find_clip_direction`).
+
+    progress: a tqdm description, or None for no bar. callback(it, terms) sees every iteration's `search_terms`
+    (with 'grad', d loss / d e, added) before the Adam step. Returns (e [1,id_dim] detached, per-iteration losses
+    {'total', 'clip', 'id', 'l1'}, whether early stopping ended the loop).
+    """
+    clip_w, id_w, l1_w = weights
+    e = ref.z0.clone().requires_grad_(True)
+    opt = identity_optimizer(e, lr)
+    losses: list[dict[str, float]] = []
+    best, since_best, stopped_early = math.inf, 0, False
+    iterations = range(n_iter)
+    if progress is not None:
+        from tqdm.auto import tqdm  # lazy: the maths does not depend on tqdm
+
+        iterations = tqdm(iterations, desc=progress)
+    for it in iterations:
+        terms = search_terms(net, combine, clip_loss, ref, e)
+        loss = clip_w * terms['clip'] + id_w * terms['id'] + l1_w * terms['l1']
+        record = {'total': loss.item(), 'clip': terms['clip'].item(), 'id': terms['id'].item(),
+                  'l1': terms['l1'].item()}
+        if not math.isfinite(record['total']):
+            raise FloatingPointError(f'CLIP direction search diverged at iteration {it}: {record} '
+                                     f'(try --precision fp32 or a smaller --lr)')
+        if it == 0 and first_step == 'projected':  # the same loss value, a well-defined gradient (see the docstring)
+            loss = clip_w * terms['projected'] + id_w * terms['id']
+        opt.zero_grad(set_to_none=True)
+        loss.backward(inputs=[e])  # gradients for e only: the network's weights get none
+        if callback is not None:
+            callback(it, {**terms, 'grad': e.grad.detach().clone()})
+        opt.step()
+        losses.append(record)
+        if progress is not None:
+            iterations.set_postfix({k: f'{v:.4f}' for k, v in record.items()}, refresh=False)
+        if snapshot_fn is not None and snapshot_every > 0 and it % snapshot_every == 0:
+            snapshot_fn(it, terms['B'].detach())
+        if early_stop_patience is not None:
+            if not math.isfinite(best) or record['total'] < best - early_stop_tol * abs(best):
+                best, since_best = record['total'], 0
+            else:
+                since_best += 1
+                if since_best >= early_stop_patience:
+                    stopped_early = True
+                    break
+    if progress is not None:
+        iterations.close()
+    return e.detach(), losses, stopped_early
+
+
 def find_clip_direction(
     model: DiffusionVideoAutoencoder,
     frame: Tensor,
@@ -446,8 +515,11 @@ def find_clip_direction(
     damps the real gradients for ~1000 iterations. `first_step='projected'` (default) differentiates at iteration 0
     the first-order form of the term instead, -mean_b <f(B_b) - f_src_b, d>, whose gradient -J^T d (J = d f(B) / d e)
     is the well-defined steepest direction that moves the CLIP embeddings along the text direction; it does not
-    depend on the float noise at e = z0 (the gradient of a linear form is the same at every point). From iteration
-    1 on, f(B) - f_src is no longer noise and the released term is used. `first_step='released'` keeps the released
+    depend on the float noise at e = z0 (the gradient of a linear form is the same at every point). The l1 term is
+    left out of that first gradient: at e = z0 it sits at its minimum 0, where its (sub)gradient is zero, and
+    torch's sign(B - R) there is again float noise (norm 0.0025 on the fixture models, the size of the projected
+    CLIP gradient); the id term's gradient is zero there too. From iteration 1 on, f(B) - f_src is no longer noise
+    and the released terms are used. `first_step='released'` keeps the released
     behaviour (parity). See docs/clip_search.md for measurements.
 
     Args:
@@ -512,47 +584,14 @@ def find_clip_direction(
                                   direction=clip_loss.text_direction(src_txt, trg_txt).to(device), schedule=schedule)
 
         # 2. Optimise the raw identity parameter.
-        e = z0.clone().requires_grad_(True)
-        opt = identity_optimizer(e, lr)
-        losses: list[dict[str, float]] = []
-        best, since_best, stopped_early = math.inf, 0, False
-        iterations = range(n_iter)
-        if progress:
-            from tqdm.auto import tqdm  # lazy: the maths does not depend on tqdm
-
-            iterations = tqdm(iterations, desc=f'clip direction {trg_txt!r}')
-        for it in iterations:
-            terms = search_terms(net, combine, clip_loss, ref, e)
-            loss = clip_w * terms['clip'] + id_w * terms['id'] + l1_w * terms['l1']
-            record = {'total': loss.item(), 'clip': terms['clip'].item(), 'id': terms['id'].item(),
-                      'l1': terms['l1'].item()}
-            if it == 0 and first_step == 'projected':  # the same loss value, a well-defined gradient
-                loss = clip_w * terms['projected'] + id_w * terms['id'] + l1_w * terms['l1']
-            if not math.isfinite(record['total']):
-                raise FloatingPointError(f'CLIP direction search diverged at iteration {it}: {record} '
-                                         f'(try --precision fp32 or a smaller --lr)')
-            opt.zero_grad(set_to_none=True)
-            loss.backward(inputs=[e])  # gradients for e only: the network's weights get none
-            opt.step()
-            losses.append(record)
-            if progress:
-                iterations.set_postfix({k: f'{v:.4f}' for k, v in record.items()}, refresh=False)
-            if snapshot_fn is not None and snapshot_every > 0 and it % snapshot_every == 0:
-                snapshot_fn(it, terms['B'].detach())
-            if early_stop_patience is not None:
-                if not math.isfinite(best) or record['total'] < best - early_stop_tol * abs(best):
-                    best, since_best = record['total'], 0
-                else:
-                    since_best += 1
-                    if since_best >= early_stop_patience:
-                        stopped_early = True
-                        break
-        if progress:
-            iterations.close()
+        e, losses, stopped_early = optimise_identity(
+            net, combine, clip_loss, ref, n_iter=n_iter, lr=lr, weights=(clip_w, id_w, l1_w), first_step=first_step,
+            early_stop_patience=early_stop_patience, early_stop_tol=early_stop_tol,
+            progress=f'clip direction {trg_txt!r}' if progress else None, snapshot_every=snapshot_every,
+            snapshot_fn=snapshot_fn)
     finally:
         model.train(was_training)
-    return ClipDirection(delta=(e.detach() - z0), z0=z0, losses=losses, n_iter_run=len(losses),
-                         stopped_early=stopped_early)
+    return ClipDirection(delta=(e - z0), z0=z0, losses=losses, n_iter_run=len(losses), stopped_early=stopped_early)
 
 
 def apply_clip_direction(avg_id: Tensor, delta: Tensor, scale: float) -> Tensor:
