@@ -277,6 +277,9 @@ def test_missing_clip_weights_error(tmp_path: Path, monkeypatch) -> None:
         load_clip(None, 'cpu')
     with pytest.raises(ValueError, match='CUDA'):
         load_clip(None, 'cpu', random_init=True, half=True)
+    torch.save({'state_dict': {'module.weight': torch.zeros(2)}}, tmp_path / 'not_clip.pt')
+    with pytest.raises(ValueError, match='not_clip.pt is not an OpenAI CLIP state dict'):
+        load_clip(tmp_path / 'not_clip.pt', 'cpu')
 
 
 @pytest.mark.filterwarnings('ignore::FutureWarning', 'ignore::UserWarning')
