@@ -38,11 +38,12 @@ def dva_loss(
     """
     x_t = torch.cat([schedule.q_sample(x0, t, noise_a), schedule.q_sample(x0, t, noise_b)])
     t2 = torch.cat([t, t])
-    eps_hat = eps_fn(x_t, schedule.timesteps.to(t.device)[t2]).float()
-    noise = torch.cat([noise_a, noise_b]).float()
+    dtype = torch.promote_types(x0.dtype, torch.float32)  # float32 under AMP, float64 for a float64 check
+    eps_hat = eps_fn(x_t, schedule.timesteps.to(t.device)[t2]).to(dtype)
+    noise = torch.cat([noise_a, noise_b]).to(dtype)
     per_sample = (noise - eps_hat).abs().flatten(1).mean(1)  # [2B]
     loss_eps = per_sample.view(2, -1).sum(0).mean()
-    x0_hat = predict_x0(x_t.float(), eps_hat, schedule.at(t2, x_t.float()), clip=False)
+    x0_hat = predict_x0(x_t.to(dtype), eps_hat, schedule.at(t2, x_t), clip=False)
     x0_a, x0_b = x0_hat.chunk(2)
     loss_consistency = (mask * (x0_a - x0_b)).abs().flatten(1).mean(1).mean()
     loss = eps_weight * loss_eps + consistency_weight * loss_consistency

@@ -4,8 +4,9 @@ Conventions of the released implementation, kept exactly:
 - x0 is predicted from eps and clipped to [-1, 1]; the noise is then re-derived from the CLIPPED x0;
 - sampling runs N steps from index N-1 down to 0, the last one returning x0;
 - inversion runs N-1 steps from the clean image (indices 0..N-2) and ends AT index N-1, where sampling starts.
-Coefficients are computed from the float64 schedule and cast to x's dtype; the loops run in x's dtype (float32),
-whatever precision the network uses inside `eps_fn`.
+Coefficients are computed from the float64 schedule and cast to x's dtype; the loops run in x's dtype (float32 as
+released, or float64 for exact checks: a float64 x keeps every op in float64), whatever precision the network uses
+inside `eps_fn` (its output is cast to x's dtype).
 """
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -101,40 +101,51 @@ def load_clip(
     random_init: bool = False,
     half: bool = False,
 ) -> tuple[nn.Module, ClipPreprocess]:
-    """Build open_clip's ViT-B-16 (QuickGELU, as OpenAI trained it) and load the OpenAI weights from a local file.
+    """Load an OpenAI CLIP file with open_clip's own OpenAI loader, from a local path only (never a download).
+
+    The state dict is read by `read_openai_clip_state_dict` (TorchScript archive or plain state dict) and built by
+    `open_clip.model.build_model_from_openai_state_dict`, which reads the architecture off the tensors (widths,
+    layers, patch size, embedding; heads = width // 64) and rounds the weights through fp16 as OpenAI's loader does.
+    So the released ViT-B/16 and any smaller CLIP in the OpenAI layout load through the same code path.
 
     Args:
-        weights: the OpenAI `ViT-B-16.pt` (TorchScript archive or state dict); None means
-            `pretrained_models/ViT-B-16.pt` under the working directory. Ignored with `random_init`.
+        weights: the OpenAI `ViT-B-16.pt`; None means `pretrained_models/ViT-B-16.pt` under the working directory.
+            Ignored with `random_init`.
         device: where the model goes.
-        random_init: keep open_clip's random initialisation (tests, smoke runs); no file is read.
-        half: fp16 weights as the released code has them on CUDA (convolutions, linears, attention and projections
-            in fp16; embeddings and LayerNorms in fp32, LayerNorm computed in fp32). CUDA only. Default: fp32, which
-            is what the released code uses on CPU.
+        random_init: open_clip's randomly initialised ViT-B-16 (QuickGELU); no file is read (tests, smoke runs).
+        half: keep the fp16 weights, as the released code has them on CUDA (convolutions, linears, attention and
+            projections in fp16; embeddings and LayerNorms in fp32). CUDA only. Default fp32, as released on CPU.
 
     Returns:
         (model in eval mode with frozen parameters, its preprocessing constants).
 
-    A missing file raises FileNotFoundError naming the path, `--clip_weights` and the download script. open_clip
-    is asked for an architecture only (no pretrained tag), so it never touches the network.
+    A missing file raises FileNotFoundError naming the path, `--clip_weights` and the download script; a file that is
+    not an OpenAI CLIP state dict raises ValueError.
     """
     device = torch.device(device)
     if half and device.type != 'cuda':
         raise ValueError(f'fp16 CLIP weights need a CUDA device, got {device}; use fp32 on {device.type}')
-    state = None
-    if not random_init:
-        state = read_openai_clip_state_dict(DEFAULT_CLIP_WEIGHTS if weights is None else Path(weights))
     import open_clip  # lazy: optional dependency
 
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)  # open_clip warns "No pretrained weights loaded" for an architecture-only build
-    try:
-        model = open_clip.create_model(CLIP_ARCH, pretrained=None, precision='fp16' if half else 'fp32',
-                                       device='cpu', force_quick_gelu=True)
-    finally:
-        logging.disable(previous)
-    if state is not None:
-        model.load_state_dict(state, strict=True)  # copies into each parameter's own dtype, as OpenAI's loader does
+    if random_init:
+        previous = logging.root.manager.disable
+        logging.disable(logging.WARNING)  # open_clip warns "No pretrained weights loaded" for an architecture build
+        try:
+            model = open_clip.create_model(CLIP_ARCH, pretrained=None, precision='fp16' if half else 'fp32',
+                                           device='cpu', force_quick_gelu=True)
+        finally:
+            logging.disable(previous)
+    else:
+        from open_clip.model import build_model_from_openai_state_dict
+
+        path = DEFAULT_CLIP_WEIGHTS if weights is None else Path(weights)
+        state = read_openai_clip_state_dict(path)
+        try:
+            model = build_model_from_openai_state_dict(state, cast_dtype=torch.float16 if half else None)
+        except (KeyError, RuntimeError) as e:
+            raise ValueError(f'{path} is not an OpenAI CLIP state dict ({type(e).__name__}: {str(e)[:300]})') from e
+        if not half:
+            model = model.float()  # built in OpenAI's mixed fp16 layout
     model = model.to(device).eval().requires_grad_(False)
     return model, _preprocess_of(model)
 
@@ -173,9 +184,9 @@ def clip_preprocess(img: Tensor, pre: ClipPreprocess) -> Tensor:
     img: [B,3,H,W] in [-1,1]. The short side is resized to `pre.image_size` with bicubic interpolation applied to the
     tensor WITHOUT antialiasing (torchvision 0.13 tensor semantics; the long side becomes int(size * long / short)),
     then centre-cropped (top = round((h - size) / 2)) and normalised with CLIP's mean/std. Returns
-    [B,3,size,size] float32. Differentiable.
+    [B,3,size,size] in float32 (float64 for a float64 img). Differentiable.
     """
-    x = (img.float() + 1) / 2
+    x = (img.to(torch.promote_types(img.dtype, torch.float32)) + 1) / 2
     size = pre.image_size
     h, w = x.shape[-2:]
     short, long = min(h, w), max(h, w)
@@ -257,11 +268,12 @@ class CLIPDirectionalLoss(nn.Module):
         """[B,3,H,W] in [-1,1] -> [B,3,s,s] normalised CLIP input (see `clip_preprocess`)."""
         return clip_preprocess(img, self.pre)
 
-    def encode_image(self, img: Tensor) -> Tensor:
-        """img [B,3,H,W] in [-1,1] -> L2-normalised CLIP image embeddings [B,D] float32 (differentiable in img)."""
+    def encode_image(self, img: Tensor, normalize: bool = True) -> Tensor:
+        """img [B,3,H,W] in [-1,1] -> CLIP image embeddings [B,D] (L2-normalised unless `normalize=False`), in float32
+        (float64 for a float64 img; CLIP itself runs in its weights' dtype). Differentiable in img."""
         _, dtype = self._input_spec()
-        f = self.clip.encode_image(self.preprocess(img).to(dtype)).float()
-        return f / f.norm(dim=-1, keepdim=True)
+        f = self.clip.encode_image(self.preprocess(img).to(dtype)).to(torch.promote_types(img.dtype, torch.float32))
+        return f / f.norm(dim=-1, keepdim=True) if normalize else f
 
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> Tensor:
@@ -310,8 +322,157 @@ class ClipDirection:
     stopped_early: bool = False
 
 
+FirstStep = Literal['projected', 'released']
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
+
+
 def _l2norm(x: Tensor) -> Tensor:
     return x / x.norm(dim=1, keepdim=True)
+
+
+@dataclass
+class SearchReference:
+    """What the direction search keeps fixed, computed once from the start frame I0.
+
+    z0: [1,id_dim] unit identity of I0; lnd0: [1,2K] its landmarks; mask0: [1,1,S,S] its training face mask;
+    states: R [n+1,3,S,S], the reference trajectory [x_{n-1}, ..., x_0, x0_clean] with I0's own conditioning;
+    f_src: [n,E] L2-normalised CLIP embeddings of R[1:]; direction: [E] unit text direction; schedule: the n-step
+    respaced schedule of the search.
+    """
+
+    z0: Tensor
+    lnd0: Tensor
+    mask0: Tensor
+    states: Tensor
+    f_src: Tensor
+    direction: Tensor
+    schedule: NoiseSchedule
+
+
+def reference_trajectory(eps_fn: Callable[[Tensor, Tensor], Tensor], frame: Tensor, schedule: NoiseSchedule
+                         ) -> Tensor:
+    """R = [x_{n-1}, ..., x_0, x0_clean] [n+1,3,S,S]: DDIM inversion of frame [1,3,S,S] to index n-1 (n-1 calls),
+    then the n DDIM steps back, one state at a time (x0 clipped, eta 0)."""
+    states = [ddim_invert(eps_fn, frame, schedule)]
+    ddim_sample(eps_fn, states[0], schedule, callback=lambda d: states.append(d['x']))
+    return torch.cat(states)
+
+
+def batched_step(net: Callable[[Tensor, Tensor, Tensor], Tensor], states: Tensor, c: Tensor,
+                 schedule: NoiseSchedule) -> Tensor:
+    """B [n,3,S,S]: one DDIM step (eta 0, x0 clipped) from every state R[0:n] at once, R[k] at sampler index n-1-k
+    stepping to n-2-k (-1: the clean estimate), each with its own alpha_bar and timestep, all conditioned on
+    c [1,z_dim]. net(x_t, t, z_face) -> eps."""
+    n = len(schedule)
+    x = states[:n]
+    index = torch.arange(n - 1, -1, -1, device=x.device)
+    eps = net(x, schedule.t_at(index, n, x.device), c.expand(n, -1)).to(x.dtype)
+    return ddim_step(x, eps, schedule.at(index, x), schedule.at(index - 1, x), clip=True)[0]
+
+
+def search_terms(
+    net: Callable[[Tensor, Tensor, Tensor], Tensor],
+    combine: Callable[[Tensor, Tensor], Tensor],
+    clip_loss: CLIPDirectionalLoss,
+    ref: SearchReference,
+    e: Tensor,
+) -> dict[str, Tensor]:
+    """The unweighted loss terms of the direction search at the identity parameter e [1,id_dim].
+
+    z = e / |e|; c = combine(z, lnd0); B = batched_step(R, c); f_trg = CLIP(B) (normalised);
+        'L_dir' = directional_loss(f_src, f_trg, d)           (the released term, in [0, 2])
+        'clip'  = -log((2 - L_dir) / 2)
+        'id'    = 1 - <z, z0>
+        'l1'    = mean |M0 R[1:] - M0 B|
+        'projected' = -mean_b <f_trg_b - f_src_b, d>, the first-order form of the CLIP term that the search
+                      differentiates instead of 'clip' at iteration 0 with `first_step='projected'`
+    Also returns 'z', 'c', 'B' and 'f_trg'. Differentiable in e.
+    """
+    z = _l2norm(e)
+    c = combine(z, ref.lnd0)
+    x_next = batched_step(net, ref.states, c, ref.schedule)
+    f_trg = clip_loss.encode_image(x_next)
+    l_dir = directional_loss(ref.f_src, f_trg, ref.direction)
+    projected = -((f_trg - ref.f_src) @ ref.direction.reshape(-1).to(f_trg)).mean()
+    mask = ref.mask0
+    loss_l1 = (mask * ref.states[1:] - mask * x_next).abs().mean()
+    loss_id = 1 - (z * ref.z0).sum()
+    return {'z': z, 'c': c, 'B': x_next, 'f_trg': f_trg, 'L_dir': l_dir, 'clip': clip_objective(l_dir),
+            'projected': projected, 'id': loss_id, 'l1': loss_l1}
+
+
+def identity_optimizer(e: Tensor, lr: float) -> torch.optim.Adam:
+    """The released optimiser of the identity parameter: Adam(betas (0.9, 0.999), eps 1e-8, no weight decay)."""
+    return torch.optim.Adam([e], lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0.0)
+
+
+def optimise_identity(
+    net: Callable[[Tensor, Tensor, Tensor], Tensor],
+    combine: Callable[[Tensor, Tensor], Tensor],
+    clip_loss: CLIPDirectionalLoss,
+    ref: SearchReference,
+    *,
+    n_iter: int,
+    lr: float,
+    weights: tuple[float, float, float],
+    first_step: FirstStep = 'projected',
+    early_stop_patience: int | None = None,
+    early_stop_tol: float = 1e-4,
+    progress: str | None = None,
+    snapshot_every: int = 100,
+    snapshot_fn: Callable[[int, Tensor], None] | None = None,
+    callback: Callable[[int, dict[str, Tensor]], None] | None = None,
+) -> tuple[Tensor, list[dict[str, float]], bool]:
+    """The optimisation loop of `find_clip_direction` on a fixed `ref`: e starts at ref.z0 and takes n_iter Adam
+    steps on clip_w * clip + id_w * id + l1_w * l1 (weights = (clip_w, id_w, l1_w)); at iteration 0 with
+    `first_step='projected'` the gradient is that of clip_w * projected + id_w * id (same recorded loss value; see
+    `find_clip_direction`).
+
+    progress: a tqdm description, or None for no bar. callback(it, terms) sees every iteration's `search_terms`
+    (with 'grad', d loss / d e, added) before the Adam step. Returns (e [1,id_dim] detached, per-iteration losses
+    {'total', 'clip', 'id', 'l1'}, whether early stopping ended the loop).
+    """
+    clip_w, id_w, l1_w = weights
+    e = ref.z0.clone().requires_grad_(True)
+    opt = identity_optimizer(e, lr)
+    losses: list[dict[str, float]] = []
+    best, since_best, stopped_early = math.inf, 0, False
+    iterations = range(n_iter)
+    if progress is not None:
+        from tqdm.auto import tqdm  # lazy: the maths does not depend on tqdm
+
+        iterations = tqdm(iterations, desc=progress)
+    for it in iterations:
+        terms = search_terms(net, combine, clip_loss, ref, e)
+        loss = clip_w * terms['clip'] + id_w * terms['id'] + l1_w * terms['l1']
+        record = {'total': loss.item(), 'clip': terms['clip'].item(), 'id': terms['id'].item(),
+                  'l1': terms['l1'].item()}
+        if not math.isfinite(record['total']):
+            raise FloatingPointError(f'CLIP direction search diverged at iteration {it}: {record} '
+                                     f'(try --precision fp32 or a smaller --lr)')
+        if it == 0 and first_step == 'projected':  # the same loss value, a well-defined gradient (see the docstring)
+            loss = clip_w * terms['projected'] + id_w * terms['id']
+        opt.zero_grad(set_to_none=True)
+        loss.backward(inputs=[e])  # gradients for e only: the network's weights get none
+        if callback is not None:
+            callback(it, {**terms, 'grad': e.grad.detach().clone()})
+        opt.step()
+        losses.append(record)
+        if progress is not None:
+            iterations.set_postfix({k: f'{v:.4f}' for k, v in record.items()}, refresh=False)
+        if snapshot_fn is not None and snapshot_every > 0 and it % snapshot_every == 0:
+            snapshot_fn(it, terms['B'].detach())
+        if early_stop_patience is not None:
+            if not math.isfinite(best) or record['total'] < best - early_stop_tol * abs(best):
+                best, since_best = record['total'], 0
+            else:
+                since_best += 1
+                if since_best >= early_stop_patience:
+                    stopped_early = True
+                    break
+    if progress is not None:
+        iterations.close()
+    return e.detach(), losses, stopped_early
 
 
 def find_clip_direction(
@@ -333,22 +494,33 @@ def find_clip_direction(
     progress: bool = True,
     snapshot_every: int = 100,
     snapshot_fn: Callable[[int, Tensor], None] | None = None,
+    first_step: FirstStep = 'projected',
 ) -> ClipDirection:
     """Optimise the identity of one frame so that the autoencoder's DDIM steps follow the text edit (released
-    editing_CLIP.py objective, exactly).
+    editing_CLIP.py objective; its first step is made well defined unless `first_step='released'`).
 
     Setup, on frame I0 ([1,3,S,S] in [-1,1]) with the schedule respaced to n = `n_train_step` steps
     (n=5: tau = 0,200,...,800):
         z0 = identity(I0) (unit norm), lnd0 = landmarks(I0), c0 = combine(z0, lnd0), M0 = mask(I0, 'train');
-        x_{n-1} = DDIM-invert(I0 | c0) (n-1 calls), then n DDIM steps with c0 give the reference states
-        R = [x_{n-1}, ..., x_0, x0_clean] (n+1 states).
-    Each iteration, with the parameter e (initialised to z0; Adam, weight decay 0):
-        z = e / |e|; c = combine(z, lnd0);
-        B = one batched DDIM step (x0 clipped to [-1,1], as the released sampler does) from R[0:n] at sampler indices
-            [n-1, ..., 0], each sample with its own alpha_bar and timestep, all conditioned on c; B[-1] is the clean
-            estimate, the others are noisy states;
-        loss = clip_w * (-log((2 - L_dir(R[1:], B)) / 2)) + id_w * (1 - <z, z0>) + l1_w * mean|M0 R[1:] - M0 B|.
+        R = `reference_trajectory` of I0 with c0 (n+1 states); f_src = CLIP(R[1:]); d = text direction.
+    Each iteration, with the parameter e (initialised to z0; `identity_optimizer`, i.e. Adam without weight decay):
+        loss = clip_w * clip + id_w * id + l1_w * l1, the terms of `search_terms` (B = one batched DDIM step from
+        R[0:n], x0 clipped, as the released sampler does); Adam step on e. The recorded losses are these values.
     Gradients reach e through the network and the fusion Linear; network weights are not updated.
+
+    The first step. At iteration 0, e = z0, so B repeats the computation that built R[1:] and f(B) - f_src is float
+    noise (norm ~4e-7, the size of the 1e-7 in the directional loss). The released directional term is then
+    normalised noise: its gradient is huge (~6000 on the fixture models) and points in a noise-chosen direction,
+    Adam's first update moves every coordinate by +-lr along it, and Adam's second moment, holding that gradient,
+    damps the real gradients for ~1000 iterations. `first_step='projected'` (default) differentiates at iteration 0
+    the first-order form of the term instead, -mean_b <f(B_b) - f_src_b, d>, whose gradient -J^T d (J = d f(B) / d e)
+    is the well-defined steepest direction that moves the CLIP embeddings along the text direction; it does not
+    depend on the float noise at e = z0 (the gradient of a linear form is the same at every point). The l1 term is
+    left out of that first gradient: at e = z0 it sits at its minimum 0, where its (sub)gradient is zero, and
+    torch's sign(B - R) there is again float noise (norm 0.0025 on the fixture models, the size of the projected
+    CLIP gradient); the id term's gradient is zero there too. From iteration 1 on, f(B) - f_src is no longer noise
+    and the released terms are used. `first_step='released'` keeps the released
+    behaviour (parity). See docs/clip_search.md for measurements.
 
     Args:
         model: DiffusionVideoAutoencoder (`model(x_t, t, z_face) -> eps`, `model.encoder`); run in eval mode
@@ -357,10 +529,12 @@ def find_clip_direction(
         clip_loss: the directional loss; its text direction for (src_txt, trg_txt) is computed once and cached.
         n_iter: iterations (released: 2000, hard-coded); early_stop_patience: if set, stop once the total loss has
             not improved by more than `early_stop_tol` (relative to the best so far) for that many iterations.
-        precision: autocast of the network call only ('fp32' | 'fp16' | 'bf16'; CUDA only); the DDIM maths, the
-            losses and CLIP inputs stay float32.
+        precision: autocast of the network call only ('fp32' | 'fp16' | 'bf16'; CUDA only), the DDIM maths, the
+            losses and CLIP inputs staying float32; or 'fp64' (a float64 model, e.g. `model.double()`): the
+            frame, the loops and the losses in float64.
         progress: tqdm bar with the loss terms.
         snapshot_fn: called as snapshot_fn(it, B) (B detached, [n,3,S,S]) at iterations 0, snapshot_every, ...
+        first_step: 'projected' (default) or 'released', see above.
 
     Memory: every iteration backpropagates through the UNet on a batch of n full-resolution states, so the UNet
     activations of all n states are kept for the backward pass. That is the dominant cost and grows linearly with
@@ -379,88 +553,45 @@ def find_clip_direction(
         raise ValueError(f'precision {precision!r} is not one of {PRECISIONS}')
     if early_stop_patience is not None and early_stop_patience < 1:
         raise ValueError(f'early_stop_patience must be >= 1 or None, got {early_stop_patience}')
+    if first_step not in ('projected', 'released'):
+        raise ValueError(f"first_step must be 'projected' or 'released', got {first_step!r}")
     device = frame.device
-    frame = frame.float()
+    dtype = torch.float64 if precision == 'fp64' else torch.float32
+    frame = frame.to(dtype)
     dcfg = model.cfg.diffusion
     schedule = NoiseSchedule.linear(dcfg.num_timesteps, dcfg.beta_start, dcfg.beta_end).respace(n_train_step)
-    n = len(schedule)
     encoder = model.encoder
 
     def net(x_t: Tensor, t: Tensor, z_face: Tensor) -> Tensor:
         with autocast(device, precision):
             eps = model(x_t, t, z_face)
-        return eps.float()
+        return eps.to(dtype)
+
+    def combine(z: Tensor, lnd: Tensor) -> Tensor:
+        return encoder.combine(z, lnd).to(dtype)
 
     was_training = model.training
     model.eval()
     try:
-        # 1. Reference trajectory of the frame with its own conditioning.
+        # 1. What stays fixed: I0's identity, landmarks, mask, reference trajectory and CLIP embeddings, the text.
         with torch.no_grad():
-            z0 = encoder.identity(frame).float()
-            lnd0 = encoder.landmarks(frame).float()
-            c0 = encoder.combine(z0, lnd0)
-            mask0 = encoder.mask(frame, 'train').float()
+            z0 = encoder.identity(frame).to(dtype)
+            lnd0 = encoder.landmarks(frame).to(dtype)
+            c0 = combine(z0, lnd0)
+            states = reference_trajectory(lambda x_t, t: net(x_t, t, c0.expand(x_t.shape[0], -1)), frame, schedule)
+            ref = SearchReference(z0=z0, lnd0=lnd0, mask0=encoder.mask(frame, 'train').to(dtype), states=states,
+                                  f_src=clip_loss.encode_image(states[1:]),
+                                  direction=clip_loss.text_direction(src_txt, trg_txt).to(device), schedule=schedule)
 
-            def eps_fn(x_t: Tensor, t: Tensor) -> Tensor:
-                return net(x_t, t, c0.expand(x_t.shape[0], -1))
-
-            states = [ddim_invert(eps_fn, frame, schedule)]
-            ddim_sample(eps_fn, states[0], schedule, callback=lambda d: states.append(d['x']))
-            ref = torch.cat(states)  # R: [n+1,3,S,S]
-            x_src, x_ref_next = ref[:n], ref[1:]
-            masked_ref_next = mask0 * x_ref_next
-            direction = clip_loss.text_direction(src_txt, trg_txt).to(device)
-            f_ref_next = clip_loss.encode_image(x_ref_next)
-
-        # 2. Per-sample noise levels: state R[k] sits at sampler index n-1-k and steps to index n-2-k (-1 = clean).
-        index = torch.arange(n - 1, -1, -1, device=device)
-        a_t, a_next = schedule.at(index, x_src), schedule.at(index - 1, x_src)
-        t = schedule.t_at(index, n, device)
-
-        # 3. Optimise the raw identity parameter.
-        e = z0.clone().requires_grad_(True)
-        opt = torch.optim.Adam([e], lr=lr, weight_decay=0.0)
-        losses: list[dict[str, float]] = []
-        best, since_best, stopped_early = math.inf, 0, False
-        iterations = range(n_iter)
-        if progress:
-            from tqdm.auto import tqdm  # lazy: the maths does not depend on tqdm
-
-            iterations = tqdm(iterations, desc=f'clip direction {trg_txt!r}')
-        for it in iterations:
-            z = _l2norm(e)
-            c = encoder.combine(z, lnd0).expand(n, -1)
-            x_next, _ = ddim_step(x_src, net(x_src, t, c), a_t, a_next, clip=True)  # B: [n,3,S,S]
-            loss_clip = clip_objective(directional_loss(f_ref_next, clip_loss.encode_image(x_next), direction))
-            loss_id = 1 - (z * z0).sum()
-            loss_l1 = (masked_ref_next - mask0 * x_next).abs().mean()
-            loss = clip_w * loss_clip + id_w * loss_id + l1_w * loss_l1
-            record = {'total': loss.item(), 'clip': loss_clip.item(), 'id': loss_id.item(), 'l1': loss_l1.item()}
-            if not math.isfinite(record['total']):
-                raise FloatingPointError(f'CLIP direction search diverged at iteration {it}: {record} '
-                                         f'(try --precision fp32 or a smaller --lr)')
-            opt.zero_grad(set_to_none=True)
-            loss.backward(inputs=[e])  # gradients for e only: the network's weights get none
-            opt.step()
-            losses.append(record)
-            if progress:
-                iterations.set_postfix({k: f'{v:.4f}' for k, v in record.items()}, refresh=False)
-            if snapshot_fn is not None and snapshot_every > 0 and it % snapshot_every == 0:
-                snapshot_fn(it, x_next.detach())
-            if early_stop_patience is not None:
-                if not math.isfinite(best) or record['total'] < best - early_stop_tol * abs(best):
-                    best, since_best = record['total'], 0
-                else:
-                    since_best += 1
-                    if since_best >= early_stop_patience:
-                        stopped_early = True
-                        break
-        if progress:
-            iterations.close()
+        # 2. Optimise the raw identity parameter.
+        e, losses, stopped_early = optimise_identity(
+            net, combine, clip_loss, ref, n_iter=n_iter, lr=lr, weights=(clip_w, id_w, l1_w), first_step=first_step,
+            early_stop_patience=early_stop_patience, early_stop_tol=early_stop_tol,
+            progress=f'clip direction {trg_txt!r}' if progress else None, snapshot_every=snapshot_every,
+            snapshot_fn=snapshot_fn)
     finally:
         model.train(was_training)
-    return ClipDirection(delta=(e.detach() - z0), z0=z0, losses=losses, n_iter_run=len(losses),
-                         stopped_early=stopped_early)
+    return ClipDirection(delta=(e - z0), z0=z0, losses=losses, n_iter_run=len(losses), stopped_early=stopped_early)
 
 
 def apply_clip_direction(avg_id: Tensor, delta: Tensor, scale: float) -> Tensor:

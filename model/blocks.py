@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.nn import group_norm, zero_module
+from model.nn import compute_dtype, group_norm, zero_module
 
 Resample = Literal['none', 'up', 'down']
 AttentionImpl = Literal['sdpa', 'math']
@@ -109,8 +109,8 @@ class AttentionBlock(nn.Module):
 
     GN -> 1x1 qkv (q, k, v are consecutive C-channel slices, the released "legacy" order) -> softmax(q.k / sqrt(C))
     over keys -> weighted sum of v -> zero-initialised 1x1 `proj_out` -> x + out.
-    `impl='math'` is the released formula (q and k each scaled by C^-1/4, softmax in fp32); `impl='sdpa'` calls
-    `scaled_dot_product_attention`, which is the same maths in one fused kernel.
+    `impl='math'` is the released formula (q and k each scaled by C^-1/4, softmax in at least fp32); `impl='sdpa'`
+    calls `scaled_dot_product_attention`, which is the same maths in one fused kernel.
     """
 
     def __init__(self, channels: int, max_norm_groups: int = 32, impl: AttentionImpl = 'sdpa') -> None:
@@ -131,7 +131,7 @@ class AttentionBlock(nn.Module):
         if self.impl == 'math':
             scale = c ** -0.25
             logits = torch.einsum('bcn,bcm->bnm', q * scale, k * scale)  # [B, N(queries), N(keys)]
-            weights = torch.softmax(logits.float(), dim=-1).to(logits.dtype)
+            weights = torch.softmax(logits.to(compute_dtype(logits.dtype)), dim=-1).to(logits.dtype)
             out = torch.einsum('bnm,bcm->bcn', weights, v)
         else:
             out = F.scaled_dot_product_attention(

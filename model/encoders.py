@@ -17,6 +17,13 @@ from torch import Tensor, nn
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+
+def imagenet_normalize(x: Tensor) -> Tensor:
+    """(x - ImageNet mean) / ImageNet std per channel, x: [B,3,H,W] in [0,1]. The constants are made from the Python
+    floats in x's dtype (not held as float32 buffers), so a float64 input is normalised with float64 constants."""
+    mean, std = x.new_tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1), x.new_tensor(IMAGENET_STD).reshape(1, 3, 1, 1)
+    return (x - mean) / std
+
 # --------------------------------------------------------------------------------------------------------------------
 # ArcFace IR-SE backbone (InsightFace "improved residual" units with squeeze-and-excitation)
 
@@ -266,8 +273,6 @@ class LandmarkEncoder(nn.Module):
         self.n_landmarks = n_landmarks
         self.first_landmark = first_landmark
         self.backbone = MobileNetGDConv(2 * self.n_points)
-        self.register_buffer('mean', torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1), persistent=False)
-        self.register_buffer('std', torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1), persistent=False)
 
     @property
     def out_dim(self) -> int:
@@ -282,6 +287,6 @@ class LandmarkEncoder(nn.Module):
                     img, size=(self.crop_from, self.crop_from), mode='bilinear', align_corners=False, antialias=True
                 )
             img = img[:, :, self.crop, self.crop]
-        x = ((img + 1) / 2 - self.mean.to(img.dtype)) / self.std.to(img.dtype)
+        x = imagenet_normalize((img + 1) / 2)
         points = self.backbone(x).clamp(0, 1).reshape(img.shape[0], self.n_points, 2)
         return points[:, self.first_landmark : self.first_landmark + self.n_landmarks].flatten(1)

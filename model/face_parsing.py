@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.encoders import IMAGENET_MEAN, IMAGENET_STD
+from model.encoders import imagenet_normalize
 
 
 class ConvBNReLU(nn.Module):
@@ -179,18 +179,13 @@ class BiSeNet(nn.Module):
 
 
 class FaceParser(nn.Module):
-    """Face parsing of [-1,1] frames and the binary face mask (the released `BGnet`).
-
-    `mean`/`std` are non-persistent buffers, so they follow `.to()` but are not in the state dict.
-    """
+    """Face parsing of [-1,1] frames and the binary face mask (the released `BGnet`)."""
 
     def __init__(self, n_classes: int = 19, parse_size: int = 512) -> None:
         super().__init__()
         self.n_classes = n_classes
         self.parse_size = parse_size
         self.backbone = BiSeNet(n_classes)
-        self.register_buffer('mean', torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1), persistent=False)
-        self.register_buffer('std', torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1), persistent=False)
 
     def logits(self, img: Tensor) -> Tensor:
         """img: [B,3,H,W] in [-1,1] -> main-head logits [B,n_classes,parse_size,parse_size].
@@ -199,7 +194,7 @@ class FaceParser(nn.Module):
         """
         x = F.interpolate(img, size=(self.parse_size, self.parse_size), mode='nearest')
         x = (x.clamp(-1, 1) + 1) / 2
-        x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        x = imagenet_normalize(x)
         return self.backbone(x)
 
     @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Small building blocks shared by the networks: sinusoidal time embedding, fp32 GroupNorm, zero init."""
+"""Small building blocks shared by the networks: sinusoidal time embedding, GroupNorm in at least fp32, zero init."""
 from __future__ import annotations
 
 import math
@@ -9,20 +9,30 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a numerically sensitive op (time embedding, GroupNorm, softmax) runs in: at least float32.
+
+    fp16/bf16 -> float32 (the released islands), float32 -> float32, float64 -> float64: a float64 model has no
+    float32 island, so its outputs are float64 all the way.
+    """
+    return torch.promote_types(dtype, torch.float32)
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, dtype: torch.dtype = torch.float32) -> Tensor:
     """Sinusoidal embedding of the ORIGINAL diffusion timesteps, cosine half first (as released).
 
     Args:
         t: [B] timesteps, integer (or float) values in 0..T-1, never rescaled.
         dim: embedding width; the released model uses `model_channels` (128).
         max_period: controls the lowest frequency, freq_k = max_period^(-k / (dim // 2)).
+        dtype: float32 (released) or float64; every op runs in it.
 
     Returns:
-        [B, dim] float32: [cos(t * freq), sin(t * freq)], zero-padded by one column when `dim` is odd.
+        [B, dim] in `dtype`: [cos(t * freq), sin(t * freq)], zero-padded by one column when `dim` is odd.
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.reshape(-1, 1).float() * freqs[None]
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / half)
+    args = t.reshape(-1, 1).to(dtype) * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         emb = torch.cat([emb, emb.new_zeros(emb.shape[0], 1)], dim=-1)
@@ -50,15 +60,17 @@ def norm_groups(channels: int, max_groups: int) -> int:
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 and cast back to the input dtype (stable under fp16/bf16).
+    """GroupNorm computed in `compute_dtype` (float32 for fp16/bf16/fp32 inputs, float64 for float64) and cast back
+    to the input dtype (stable under fp16/bf16, no float32 island in a float64 model).
 
     Input [B, C, ...] of any float dtype and memory format; output has the same shape and dtype.
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = self.weight.float() if self.weight is not None else None
-        bias = self.bias.float() if self.bias is not None else None
-        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
+        dtype = compute_dtype(x.dtype)
+        weight = self.weight.to(dtype) if self.weight is not None else None
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        return F.group_norm(x.to(dtype), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
 
 def group_norm(channels: int, max_groups: int) -> GroupNorm32:

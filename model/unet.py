@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from config import UNetConfig
 from model.blocks import AttentionBlock, Resample, ResBlock
-from model.nn import group_norm, timestep_embedding, zero_module
+from model.nn import compute_dtype, group_norm, timestep_embedding, zero_module
 
 
 class TimeEmbedding(nn.Module):
@@ -33,8 +33,9 @@ class TimeEmbedding(nn.Module):
         )
 
     def forward(self, t: Tensor) -> Tensor:
-        emb = timestep_embedding(t, self.model_channels)
-        return self.time_embed(emb.to(self.time_embed[0].weight.dtype))
+        dtype = self.time_embed[0].weight.dtype
+        emb = timestep_embedding(t, self.model_channels, dtype=compute_dtype(dtype))  # float32, or float64 weights
+        return self.time_embed(emb.to(dtype))
 
 
 class EmbedSequential(nn.Sequential):

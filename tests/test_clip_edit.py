@@ -24,6 +24,7 @@ from editing.clip_edit import (
     ClipDirection,
     CLIPDirectionalLoss,
     ClipPreprocess,
+    SearchReference,
     apply_clip_direction,
     clip_objective,
     clip_preprocess,
@@ -31,7 +32,9 @@ from editing.clip_edit import (
     load_clip,
     load_direction,
     read_openai_clip_state_dict,
+    reference_trajectory,
     save_direction,
+    search_terms,
     tiny_clip,
 )
 from editing.text_templates import IMAGENET_TEMPLATES, format_templates
@@ -274,6 +277,9 @@ def test_missing_clip_weights_error(tmp_path: Path, monkeypatch) -> None:
         load_clip(None, 'cpu')
     with pytest.raises(ValueError, match='CUDA'):
         load_clip(None, 'cpu', random_init=True, half=True)
+    torch.save({'state_dict': {'module.weight': torch.zeros(2)}}, tmp_path / 'not_clip.pt')
+    with pytest.raises(ValueError, match='not_clip.pt is not an OpenAI CLIP state dict'):
+        load_clip(tmp_path / 'not_clip.pt', 'cpu')
 
 
 @pytest.mark.filterwarnings('ignore::FutureWarning', 'ignore::UserWarning')
@@ -333,3 +339,43 @@ def test_vit_b16_half_weights_on_cuda() -> None:
     assert f.dtype == torch.float32 and torch.isfinite(f).all()
     value = clip_loss(img[:1], img[1:], clip_loss.text_direction('face', 'face with beard'))
     assert 0 <= value.item() <= 2
+
+
+def test_projected_first_step_is_defined_where_the_released_one_is_noise(tiny_dva, small_clip, frame, frame_features,
+                                                                         monkeypatch) -> None:
+    """At e = z0 the batched step repeats the reference trajectory, so f(B) - f_src is float noise. Two references
+    that differ only by 1e-6 noise give unrelated released first gradients, and the same projected one (-J^T d, the
+    gradient of a linear form); the default search's first Adam step is -lr * sign of that gradient (l1 and id, at
+    their minimum 0 there, are left out of it)."""
+    _use_cached_encoders(monkeypatch, tiny_dva, frame, frame_features)
+    model, pre = small_clip
+    clip_loss = CLIPDirectionalLoss(model, pre, templates=IMAGENET_TEMPLATES[:4])
+    schedule = NoiseSchedule.linear().respace(3)
+    enc = tiny_dva.encoder
+    z0, lnd0 = frame_features['identity'], frame_features['landmarks']
+    c0 = enc.combine(z0, lnd0)
+    with torch.no_grad():
+        states = reference_trajectory(lambda x, t: tiny_dva(x, t, c0.expand(len(x), -1)), frame, schedule)
+
+    def first_grads(seed: int) -> dict[str, torch.Tensor]:
+        noisy = states + 1e-6 * torch.randn(states.shape, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            f_src = clip_loss.encode_image(noisy[1:])
+        ref = SearchReference(z0=z0, lnd0=lnd0, mask0=frame_features['mask'], states=noisy, f_src=f_src,
+                              direction=clip_loss.text_direction('face', 'face with beard'), schedule=schedule)
+        e = z0.clone().requires_grad_(True)
+        terms = search_terms(tiny_dva, enc.combine, clip_loss, ref, e)
+        return {k: torch.autograd.grad(terms[k], e, retain_graph=True)[0] for k in ('clip', 'projected')}
+
+    a, b = first_grads(1), first_grads(2)
+
+    def rel(x, y):
+        return ((x - y).norm() / y.norm()).item()
+
+    assert rel(a['projected'], b['projected']) < 1e-2
+    assert rel(a['clip'], b['clip']) > 0.1  # 0.23 here; 0.97 on the fixture models (fixture README)
+    lr = 0.002
+    res = find_clip_direction(tiny_dva, frame, clip_loss, 'face', 'face with beard', n_train_step=3, n_iter=1, lr=lr,
+                              progress=False)
+    agree = (res.delta.sign() == -a['projected'].sign()).float().mean().item()
+    assert agree > 0.99 and (res.delta.abs() - lr).abs().max() < 1e-4  # Adam: lr * g / (|g| + 1e-8)
