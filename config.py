@@ -168,6 +168,7 @@ class EditConfig:
     max_num: int | None = None
     aligned: bool = False  # the frames already are aligned square face crops: no detection
     max_upsample: int = 2  # dlib retries a faceless frame at upsampling 1..max_upsample before calling it faceless
+    detect_side: int = 640  # faces are detected on a copy with this long side (0: the full frame, as released)
     faceless: Literal['keep', 'edit'] = 'keep'  # frames without a face: left unedited, or edited at interpolated quads
     # model and sampling
     checkpoint: str | None = None
@@ -214,6 +215,7 @@ class EditConfig:
     n_iter: int = 2000
     early_stop: int | None = None
     early_stop_tol: float = 1e-4
+    first_step: Literal['projected', 'released'] = 'projected'  # released: the noise-driven first Adam step
     clip_frame: int = 0
     clip_weights: str | None = None
     clip_fp16: bool = False
@@ -227,7 +229,8 @@ class EditConfig:
                 if isinstance(x, float) and not math.isfinite(x):
                     raise ValueError(f'--{f.name} {x} is not a finite number')
         for name, low in (('start', 0), ('end', 1), ('max_num', 1), ('T', 1), ('decoder_steps', 1), ('n_iter', 1),
-                          ('n_train_step', 2), ('early_stop', 1), ('clip_frame', 0), ('max_upsample', 0)):
+                          ('n_train_step', 2), ('early_stop', 1), ('clip_frame', 0), ('max_upsample', 0),
+                          ('detect_side', 0)):
             v = getattr(self, name)
             if v is not None and v < low:
                 raise ValueError(f'--{name} must be at least {low}, got {v}')

@@ -98,8 +98,9 @@ def frame_metrics(x0: Tensor, x0_hat: Tensor, lpips: nn.Module | None, with_ms_s
 
 
 def evaluate_recon(editor: Any, frames: Mapping[str, Sequence[Path]], lpips: nn.Module | None = None,
-                   ssim_border: str = 'valid', progress: bool = False) -> dict[str, Any]:
+                   ssim_border: str = 'valid', progress: bool = False, ranks: Any = None) -> dict[str, Any]:
     """Reconstruct every video of `frames` ({video: frame files}) with `editor` (an editing.api.Editor) and measure it.
+    With `ranks` (editing.distributed.Ranks) each process takes whole videos and every process gets all results.
 
     Returns {'per_frame': [{video, frame, <metric>...}], 'per_video': [{video, frames, <metric>...}], 'names': the
     metrics computed (RECON_METRICS order), 'mean' (over all frames), 'video_mean' (over per-video means),
@@ -111,13 +112,19 @@ def evaluate_recon(editor: Any, frames: Mapping[str, Sequence[Path]], lpips: nn.
     with_ms_ssim = size >= MS_SSIM_MIN_SIZE
     start = time.perf_counter()
     per_frame, per_video = [], []
-    for video in tqdm(list(frames), desc='videos', disable=not progress):
+    videos = list(frames) if ranks is None else ranks.items(list(frames))
+    for video in tqdm(videos, desc='videos', disable=not progress):
         crops = load_crops(frames[video], size)
         m = frame_metrics(crops, reconstruct(editor, crops), lpips, with_ms_ssim, editor.batch_size, editor.device,
                           ssim_border)
         per_frame += [{'video': video, 'frame': p.name, **{k: float(t[i]) for k, t in m.items()}}
                       for i, p in enumerate(frames[video])]
         per_video.append({'video': video, 'frames': len(crops), **{k: float(t.mean()) for k, t in m.items()}})
+    if ranks is not None and ranks.enabled:
+        order = {v: i for i, v in enumerate(frames)}
+        parts = ranks.gather((per_frame, per_video), 'gathering the metrics')
+        per_frame = sorted(sum((p[0] for p in parts), []), key=lambda r: order[r['video']])  # stable: frame order kept
+        per_video = sorted(sum((p[1] for p in parts), []), key=lambda r: order[r['video']])
     names = [k for k in RECON_METRICS if k in per_video[0]]
     mean = {k: sum(r[k] for r in per_frame) / len(per_frame) for k in names}
     video_mean = {k: sum(r[k] for r in per_video) / len(per_video) for k in names}

@@ -18,7 +18,9 @@ import reporting
 
 
 def run_recon(args: argparse.Namespace) -> dict[str, Any]:
+    """Under torchrun, whole videos are spread across the ranks and rank 0 writes the report."""
     from config import EditConfig
+    from editing import distributed
     from editing.api import Editor, EditError, check_T, load_model
 
     try:
@@ -30,30 +32,35 @@ def run_recon(args: argparse.Namespace) -> dict[str, Any]:
     lpips, lpips_source = ev.load_lpips('none' if args.no_lpips else 'random' if args.random_lpips else 'pretrained',
                                         args.lpips_dir)
     # the reconstruction runs as the editors run it, through the editing API (scratch cache, removed at the end)
+    ranks = distributed.from_env(args.device)
     edit_cfg = EditConfig(checkpoint=args.checkpoint, template=args.template, trust_checkpoint=args.trust_checkpoint,
-                          T=args.T, batch_size=args.batch_size, device=args.device, precision=args.precision,
-                          quiet=args.quiet, no_cache=True)
+                          T=args.T, batch_size=args.batch_size, device=distributed.rank_device(args.device, ranks),
+                          precision=args.precision, quiet=args.quiet, no_cache=True)
     try:
         ckpt, model, cfg, meta = load_model(edit_cfg)
     except EditError as e:
         raise SystemExit(str(e)) from None
-    out = reporting.prepare_out(args.out, args.overwrite)
-    editor = Editor(edit_cfg, model=model, checkpoint=str(ckpt))
+    out = reporting.prepare_out(args.out, args.overwrite) if ranks.main else args.out
+    editor = Editor(edit_cfg, model=model, checkpoint=str(ckpt), ranks=distributed.Ranks())  # whole videos per rank
     device, S = editor.device, cfg.unet.image_size
     print(f'{len(frames)} of {available} videos (seed {args.seed}), {sum(map(len, frames.values()))} frames, '
           f'T={args.T}, {S}x{S}, device {device}; checkpoint {ckpt}')
     if lpips is not None:
         lpips.to(device)
     try:
-        result = ev.evaluate_recon(editor, frames, lpips, args.ssim_border, progress=not args.quiet)
+        result = ev.evaluate_recon(editor, frames, lpips, args.ssim_border, progress=not args.quiet, ranks=ranks)
     finally:
         editor.close()
+    if not ranks.main:
+        distributed.close()
+        return result
     settings = {'checkpoint': str(ckpt), 'global_step': meta.get('global_step'), 'config': cfg.name, 'image_size': S,
                 'T': args.T, 'network_calls_per_frame': 2 * args.T - 1, 'data': str(args.data), 'split': args.split,
                 'seed': args.seed, 'num_videos': args.num_videos, 'videos': list(frames), 'videos_available': available,
                 'frames_per_video': {v: len(f) for v, f in frames.items()}, 'frames': len(result['per_frame']),
                 'lpips': lpips_source, 'ssim_border': args.ssim_border, 'device': str(device),
-                'precision': args.precision, 'batch_size': args.batch_size}
+                'precision': args.precision, 'batch_size': args.batch_size, 'ranks': ranks.world}
+    distributed.close()
     reporting.write_recon(out, result, settings, {'subcommand': 'recon', 'command': cli.command_line(),
                                                   'args': vars(args)})
     print(reporting.summary_line(result['mean']) + f'\nwrote {out}/report.md')

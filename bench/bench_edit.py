@@ -131,15 +131,24 @@ def batch1_forward_seconds(model: torch.nn.Module, cfg: Any, device: torch.devic
 
 
 def run_edit(argv: list[str], device: torch.device) -> tuple[dict[str, Any], dict[str, int], float]:
-    """One editing_classifier run: its summary, UNet call counts (+ 'peak_mem_mb': the CUDA peak allocation during
-    the run, or on CPU the process's peak RSS so far) and the wall time."""
-    import editing_classifier
+    """One classifier edit through the editing API (the editors' flags in `argv`): its summary, UNet call counts
+    (+ 'peak_mem_mb': the CUDA peak allocation during the run, or on CPU the process's peak RSS so far) and the
+    wall time."""
+    from editing import flags
+    from editing.api import Editor
 
+    cfg = flags.to_config(flags.parser('bench', 'bench_out', 'classifier').parse_args(argv))
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     with count_unet_calls() as counts:
         start = time.perf_counter()
-        summary = editing_classifier.main(argv)
+        editor = Editor(cfg)
+        video = editor.encode()
+        directions = {a: editor.classifier_direction(a) for a in cfg.attribute}
+        edits = [editor.edit(video, directions[a], s) for a in cfg.attribute for s in cfg.scale]
+        recon = editor.reconstruct(video) if cfg.save_recon else None
+        summary = editor.write(video, edits, cfg.out, recon)
+        editor.close()
         wall = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == 'cuda' else maxrss_mb()
     return summary, {**counts, 'peak_mem_mb': peak}, wall

@@ -349,7 +349,7 @@ class Editor:
             except ValueError as e:
                 raise EditError(f'{getattr(source, "path", "frames")}: {e}') from None
         cfg, S = self.cfg, self.image_size
-        detector = 'aligned' if aligned else f'dlib68-up{cfg.max_upsample}'
+        detector = 'aligned' if aligned else f'dlib68-up{cfg.max_upsample}-side{cfg.detect_side}'
         content = fingerprint(source)
         akey = make_key(format=FORMAT, video=content, center_sigma=cfg.center_sigma,
                         xy_sigma=cfg.xy_sigma, size=S, detector=detector)
@@ -357,7 +357,8 @@ class Editor:
         hits = {'align': a.complete}
         if not a.complete:
             factory = None if aligned else lambda: DlibDetector(pretrained_dir=cfg.pretrained_dir,
-                                                                max_upsample=cfg.max_upsample)
+                                                                max_upsample=cfg.max_upsample,
+                                                                max_detect_side=cfg.detect_side or None)
             with self._run('align', a.arrays, 'crops', len(source)):
                 try:
                     pipeline.align(source, factory, a.arrays, S, cfg.center_sigma, cfg.xy_sigma, self.progress,

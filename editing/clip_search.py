@@ -22,8 +22,9 @@ def settings_of(editor, names: list[str], cfg: EditConfig, video: str) -> dict[s
     ckpt = editor.checkpoint
     return {'video': video, 'src_txt': cfg.src_txt, 'trg_txt': cfg.trg_txt, 'lr': cfg.lr, 'clip_w': cfg.clip_loss_w,
             'id_w': cfg.id_loss_w, 'l1_w': cfg.l1_loss_w, 'n_train_step': cfg.n_train_step, 'n_iter': cfg.n_iter,
-            'early_stop': cfg.early_stop, 'clip_frame': names[cfg.clip_frame] if cfg.clip_frame < len(names) else cfg.clip_frame,
-            'checkpoint': file_stamp(ckpt) if ckpt.is_file() else str(ckpt),
+            'early_stop': cfg.early_stop, 'first_step': cfg.first_step,
+            'clip_frame': names[cfg.clip_frame] if cfg.clip_frame < len(names) else cfg.clip_frame,
+            'precision': editor.cfg.precision, 'checkpoint': file_stamp(ckpt) if ckpt.is_file() else str(ckpt),
             'clip': cfg.random_clip or str(cfg.clip_weights)}
 
 
@@ -95,7 +96,7 @@ def _find(editor, video, cfg: EditConfig, out_dir: Path | None):
                                     cfg.src_txt, cfg.trg_txt, n_train_step=cfg.n_train_step, n_iter=cfg.n_iter,
                                     lr=cfg.lr, clip_w=cfg.clip_loss_w, id_w=cfg.id_loss_w, l1_w=cfg.l1_loss_w,
                                     early_stop_patience=cfg.early_stop, early_stop_tol=cfg.early_stop_tol,
-                                    precision=editor.cfg.precision if editor.cfg.precision != 'fp64' else 'fp32',
+                                    precision=editor.cfg.precision, first_step=cfg.first_step,
                                     progress=editor.progress, snapshot_fn=snapshot if path else None)
     if path is not None:
         save_direction(path, found, {'settings': settings, 'video': str(cfg.video_path)})

@@ -47,6 +47,8 @@ def parser(description: str, out_root: str, kind: str) -> argparse.ArgumentParse
                         'replaces the face region of each whole frame')
     g.add_argument('--max_upsample', type=int, help='frames where dlib finds no face are searched again at upsampling '
                                                     '1..N (faces down to ~20 px at 2) before they count as faceless')
+    g.add_argument('--detect_side', type=int, help='faces are detected on a copy of each frame with this long side '
+                                                   '(landmarks at full resolution); 0: on the full frame, as released')
     g.add_argument('--faceless', choices=('keep', 'edit'),
                    help='frames without a face: keep them unedited, or edit them at quads interpolated from the '
                         'neighbouring frames (they never count in the video identity)')
@@ -118,6 +120,10 @@ def parser(description: str, out_root: str, kind: str) -> argparse.ArgumentParse
         g.add_argument('--early_stop', type=int, metavar='PATIENCE',
                        help='stop when the loss has not improved by --early_stop_tol for this many iterations')
         g.add_argument('--early_stop_tol', type=float, help='relative improvement that counts')
+        g.add_argument('--first_step', choices=('projected', 'released'),
+                       help="first step of the search: 'projected' differentiates a well-defined first-order CLIP term "
+                            "at iteration 0; 'released' keeps the release's, whose direction is float noise "
+                            '(docs/clip_search.md)')
         g.add_argument('--clip_frame', type=int, help='index (in the selection) of the frame to optimise on')
         g.add_argument('--clip_weights', help='OpenAI ViT-B/16 weights (default pretrained_models/ViT-B-16.pt)')
         g.add_argument('--clip_fp16', action=argparse.BooleanOptionalAction, default=None,

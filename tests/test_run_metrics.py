@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -101,6 +102,32 @@ def edit_dir(face_crops, tmp_path_factory) -> Path:
 def _recon_args(root: Path, ckpt: Path, out: Path, *extra: str) -> list[str]:
     return ['recon', '--data', str(root), '--checkpoint', str(ckpt), '--template', 'tiny', '--T', str(T_VALID),
             '--device', 'cpu', '--batch_size', '4', '--out', str(out), '--quiet', *extra]
+
+
+def test_recon_on_two_ranks_is_the_single_process_report(aligned_root: Path, tiny_ckpt: Path, tmp_path: Path,
+                                                         monkeypatch) -> None:
+    """torchrun with 2 gloo ranks: whole videos per rank, rank 0 writes the report; float64 with one thread per
+    process, so the per-frame metrics equal a single process's exactly."""
+    import subprocess
+    import sys
+
+    from test_distributed import free_port
+
+    args = _recon_args(aligned_root, tiny_ckpt, tmp_path / 'two', '--precision', 'fp64', '--no_lpips')
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    run = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_addr',
+                          '127.0.0.1', '--master_port', str(free_port()), 'run_metrics.py', *args],
+                         cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_metrics.main(_recon_args(aligned_root, tiny_ckpt, tmp_path / 'one', '--precision', 'fp64', '--no_lpips'))
+    finally:
+        torch.set_num_threads(threads)
+    assert _read_csv(tmp_path / 'two' / 'frames.csv') == _read_csv(tmp_path / 'one' / 'frames.csv')
+    assert json.loads((tmp_path / 'two' / 'config.json').read_text())['ranks'] == 2
 
 
 # ----------------------------------------------------------------------------------------------------------------------
