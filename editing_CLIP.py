@@ -10,7 +10,6 @@ direction is searched once (rank 0) and shared.
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
 
 from editing import flags
 
@@ -18,22 +17,16 @@ OUT_ROOT = 'editing_CLIP'
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = flags.parser(__doc__.splitlines()[0], OUT_ROOT, 'clip').parse_args(argv)
-    cfg = flags.to_config(args)
-    outputs = flags.outputs_of(args.videos, cfg, OUT_ROOT)
+    cfg, outputs = flags.start(argv, __doc__, OUT_ROOT, 'clip')
     editor: list = []
 
     def edit() -> dict:
-        from editing import clip_search, distributed
-        from editing.api import Editor, fingerprint, scale_name
+        from editing import clip_search
+        from editing.api import fingerprint, scale_name
 
         weights = None if cfg.direction or cfg.random_clip else cfg.clip_weights
         flags.preflight(cfg, outputs, [('--clip_weights', weights), ('--direction', cfg.direction)])
-        ranks = distributed.from_env(cfg.device)
-        one = len(outputs) == 1
-        editor.append(Editor(replace(cfg, device=distributed.rank_device(cfg.device, ranks)),
-                             ranks=ranks if one else distributed.Ranks()))
-        ed = editor[0]
+        ed, ranks = flags.load_editor(cfg, outputs, editor)
 
         def names(path: str, out) -> list[str]:
             if cfg.direction:

@@ -8,7 +8,6 @@ writes one folder per (attribute, scale) under editing_classifier/<video name>/ 
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
 
 from editing import flags
 
@@ -16,26 +15,19 @@ OUT_ROOT = 'editing_classifier'
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = flags.parser(__doc__.splitlines()[0], OUT_ROOT, 'classifier').parse_args(argv)
-    cfg = flags.to_config(args)
-    outputs = flags.outputs_of(args.videos, cfg, OUT_ROOT)
+    cfg, outputs = flags.start(argv, __doc__, OUT_ROOT, 'classifier')
     editor: list = []
 
     def edit() -> dict:
         from config import CELEBA_ATTRIBUTES
-        from editing import distributed
-        from editing.api import Editor, EditError, scale_name
+        from editing.api import EditError, scale_name
 
         unknown = [a for a in cfg.attribute if a not in CELEBA_ATTRIBUTES]
         if unknown:
             raise EditError(f'unknown attribute(s) {unknown}; choose from: {", ".join(CELEBA_ATTRIBUTES)}')
         flags.preflight(cfg, outputs, [('--cls_checkpoint', cfg.cls_checkpoint)])
         pairs = [(a, s, f'{a}_{scale_name(s)}') for a in cfg.attribute for s in cfg.scale]
-        ranks = distributed.from_env(cfg.device)  # several videos: whole videos per rank
-        one = len(outputs) == 1
-        editor.append(Editor(replace(cfg, device=distributed.rank_device(cfg.device, ranks)),
-                             ranks=ranks if one else distributed.Ranks()))
-        ed = editor[0]
+        ed, ranks = flags.load_editor(cfg, outputs, editor)
         for _, out in outputs:  # before any heavy work
             ed.check_outputs(out, [name for *_, name in pairs])
         directions = {a: ed.classifier_direction(a) for a in cfg.attribute}

@@ -272,7 +272,7 @@ class Demo:
         self.root = Path(root)
         self.max_bytes, self.max_frames, self.max_edits = max_bytes, max_frames, max_edits
         self.sample = Path(sample) if sample and _has_frames(Path(sample)) else None
-        self.checkpoint, self.model, _ = load_model(self.cfg)
+        self.checkpoint, self.model, _, _ = load_model(self.cfg)
         self.gpu, self.cpu = Worker('gpu'), Worker('preview')
         self._detector = None
         self.sessions = Sessions(self.root / 'sessions', session_ttl, on_close=self.stop,

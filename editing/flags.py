@@ -145,6 +145,25 @@ def parser(description: str, out_root: str, kind: str) -> argparse.ArgumentParse
     return p
 
 
+def start(argv: list[str] | None, doc: str, default_root: str, kind: str) -> tuple[EditConfig, list[tuple[str, Path]]]:
+    """An editor's command line -> (its EditConfig, (video, result folder) per input video)."""
+    args = parser(doc.splitlines()[0], default_root, kind).parse_args(argv)
+    cfg = to_config(args)
+    return cfg, outputs_of(args.videos, cfg, default_root)
+
+
+def load_editor(cfg: EditConfig, outputs: list, editor_ref: list):
+    """(the Editor of this process, the torchrun ranks): on its rank's device; with one video the ranks share its
+    frames, with several each rank edits whole videos alone."""
+    from editing import distributed
+    from editing.api import Editor
+
+    ranks = distributed.from_env(cfg.device)
+    editor_ref.append(Editor(replace(cfg, device=distributed.rank_device(cfg.device, ranks)),
+                             ranks=ranks if len(outputs) == 1 else distributed.Ranks()))
+    return editor_ref[0], ranks
+
+
 def to_config(args: argparse.Namespace) -> EditConfig:
     """EditConfig from flags: EditConfig defaults < the editor's own defaults < --config file < flags given."""
     data: dict[str, Any] = dict(args._kind_defaults)

@@ -136,7 +136,7 @@ def test_fp64_fast_paths_equal_the_plain_path(parity_dir, parity, parity_weights
             model = model.to(memory_format=torch.channels_last)
         sampler = core.Sampler(model, 7, 'fp64', micro_batch=1 if fast else None)
         monkeypatch.setattr(pipeline, 'CHUNK', 1 if fast else 16)
-        a, e, r = Arrays(tmp_path / name / 'a'), Arrays(tmp_path / name / 'e'), Arrays(tmp_path / name / 'r')
+        a, e = Arrays(tmp_path / name / 'a'), Arrays(tmp_path / name / 'e')
         a.put('crops', crops)
         e.put('id_feats', ref['id_feats'][:2].numpy())
         e.put('lnd_feats', ref['lnd_feats'][:2].numpy())
