@@ -202,6 +202,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         n_renders = len(args.attribute) * len(args.scale) + int(args.save_recon)
         runs = {}
         for name, expected in (('cold', args.T - 1 + n_renders * args.T), ('warm', n_renders * args.T)):
+            for rendered in (work / 'cache').glob('render-*'):  # warm: the inversion cached, the renders not
+                shutil.rmtree(rendered)
             summary, counts, wall = run_edit(common + ['--out', str(work / f'out_{name}')], device)
             runs[name] = describe(summary, counts, wall, expected)
     finally:

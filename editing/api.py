@@ -16,6 +16,7 @@ interrupted stage resumes where it stopped.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -301,9 +302,10 @@ class Editor:
     def log(self, text: str) -> None:
         print(text)
 
-    def _run(self, what: str, arrays: Arrays, stage: str, n: int):
+    def _run(self, what: str, arrays: Arrays, stage: str, n: int, timed: bool = True):
+        """Note the running stage (for "N of M frames done"); time it unless the pipeline times its own parts."""
         self.stage = (what, arrays, stage, n)
-        return self.timer(what)
+        return self.timer(what) if timed else contextlib.nullcontext()
 
     def _commit(self, entry, meta: dict[str, Any]) -> None:
         """Rank 0 marks an entry complete once every rank has finished its share."""
@@ -359,10 +361,10 @@ class Editor:
             factory = None if aligned else lambda: DlibDetector(pretrained_dir=cfg.pretrained_dir,
                                                                 max_upsample=cfg.max_upsample,
                                                                 max_detect_side=cfg.detect_side or None)
-            with self._run('align', a.arrays, 'crops', len(source)):
+            with self._run('align', a.arrays, 'crops', len(source), timed=False):
                 try:
                     pipeline.align(source, factory, a.arrays, S, cfg.center_sigma, cfg.xy_sigma, self.progress,
-                                   self.log, self.ranks)
+                                   self.log, self.ranks, self.timer)
                 except NoFaceError as e:
                     raise EditError(f'{getattr(source, "path", "frames")}: {e}. Is there a frontal face in the video?'
                                     ) from None
@@ -381,9 +383,9 @@ class Editor:
         e = self.cache.entry('encode', ekey)
         hits['invert'] = e.complete
         if not e.complete:
-            with self._run('invert', e.arrays, 'x_T', len(source)):
+            with self._run('invert', e.arrays, 'x_T', len(source), timed=False):
                 pipeline.encode(self.sampler, a.arrays, e.arrays, np.asarray(missing), self.batch_size,
-                                self.progress, self.log, self.ranks)
+                                self.progress, self.log, self.ranks, self.timer)
             self._commit(e, {'source': str(getattr(source, 'path', 'frames')), 'checkpoint': str(self.checkpoint),
                              'T': cfg.T})
             e = self.cache.entry('encode', ekey)
@@ -494,7 +496,7 @@ class Editor:
         keep = pipeline.faces_shown(len(video), np.asarray(video.missing))
         edit_frames = keep if cfg.faceless == 'keep' else np.ones(len(video), bool)
         try:
-            with self._run('write', edits[0].arrays if edits else video.arrays, 'render', len(video)):
+            with self._run('write', edits[0].arrays if edits else video.arrays, 'render', len(video), timed=False):
                 pipeline.write(source, video.names, video.align_arrays, video.arrays, staged, out_root, fps, audio,
                                cfg.blend, cfg.feather, recon.arrays if recon else None, edit_frames,
                                cfg.save_frames, self.timer, self.progress, self.ranks)

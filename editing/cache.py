@@ -103,10 +103,13 @@ class Arrays:
     def _marks(self, stage: str) -> str:
         return f'{stage}.done' if self.rank == 0 else f'{stage}.r{self.rank}.done'
 
-    def done(self, stage: str, n: int) -> np.ndarray:
-        """bool [n]: which items of `stage` are finished, by any process (all False when nothing was marked yet)."""
+    def begin(self, stage: str, n: int) -> None:
+        """Make this process's progress marks of `stage` (n items, none done) unless they exist."""
         if self._marks(stage) not in self:
             self.create(self._marks(stage), (n,), bool)
+
+    def done(self, stage: str, n: int) -> np.ndarray:
+        """bool [n]: which items of `stage` are finished, by any process (all False when nothing was marked yet)."""
         done = np.zeros(n, bool)
         for f in [self._path(f'{stage}.done'), *self.folder.glob(f'{stage}.r*.done.npy')]:
             with contextlib.suppress(OSError, ValueError):

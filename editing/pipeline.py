@@ -61,6 +61,7 @@ def progress_bar(total: int, desc: str, enabled: bool, unit: str = 'frame'):
 def _todo(arrays: Arrays, stage: str, n: int, log: Callable[[str], None], what: str, ranks: Ranks = SINGLE
           ) -> np.ndarray:
     """The frames of `stage` still to do, this rank's share of them."""
+    arrays.begin(stage, n)
     done = arrays.done(stage, n)
     if done.any() and not done.all() and ranks.main:
         log(f'resuming {what}: {int(done.sum())} of {n} frames were done before')
@@ -79,7 +80,7 @@ def _runs(todo: np.ndarray, size: int) -> Iterator[np.ndarray]:
 
 def align(source, detector_factory: Callable[[], Callable] | None, arrays: Arrays, size: int,
           center_sigma: float = 1.0, xy_sigma: float = 3.0, progress: bool = True,
-          log: Callable[[str], None] = print, ranks: Ranks = SINGLE) -> None:
+          log: Callable[[str], None] = print, ranks: Ranks = SINGLE, timer: StageTimer | None = None) -> None:
     """quads [N,4,2], missing [M] and crops [N,size,size,3] uint8 of a `video_io.FrameSource` into `arrays`.
 
     detector_factory None: the frames already are aligned square crops (every quad is the whole frame, crops are the
@@ -88,13 +89,14 @@ def align(source, detector_factory: Callable[[], Callable] | None, arrays: Array
     its share of the frames and the detections are gathered, so the track is the single-process one."""
     from faces import crop_face, detect_faces, full_frame_quad, track_faces
 
-    n = len(source)
+    n, timer = len(source), timer or StageTimer()
     if 'quads' not in arrays:
         if detector_factory is None:
             quads, missing = np.repeat(full_frame_quad(*source.size)[None], n, axis=0), []
         else:
             which = ranks.share(np.arange(n))
-            faces, tried = detect_faces(source, detector_factory(), which if ranks.enabled else None, progress)
+            with timer('align'):
+                faces, tried = detect_faces(source, detector_factory(), which if ranks.enabled else None, progress)
             if ranks.enabled:
                 merged: dict[int, list] = {}
                 for part, _ in ranks.gather(({int(i): faces[i] for i in which}, tried), 'exchanging the faces'):
@@ -122,7 +124,7 @@ def align(source, detector_factory: Callable[[], Callable] | None, arrays: Array
 
     if todo:
         last = max(todo)
-        with progress_bar(len(todo), 'crop', progress) as bar:
+        with progress_bar(len(todo), 'crop', progress) as bar, timer('crop'):
             for i, frame in enumerate(source):
                 if i in todo:
                     chunk.append((i, np.asarray(crop_face(frame, quads[i], first, size))))
@@ -141,7 +143,8 @@ def align(source, detector_factory: Callable[[], Callable] | None, arrays: Array
 
 
 def encode(sampler: core.Sampler, crops: Arrays, arrays: Arrays, missing: np.ndarray, batch_size: int,
-           progress: bool = True, log: Callable[[str], None] = print, ranks: Ranks = SINGLE) -> None:
+           progress: bool = True, log: Callable[[str], None] = print, ranks: Ranks = SINGLE,
+           timer: StageTimer | None = None) -> None:
     """id_feats [N,512], lnd_feats [N,2K], masks [N,1,S,S] (uint8 0/1) and x_T [N,3,S,S] into `arrays`.
 
     The inversion is conditioned, as released, on the UN-normalised average identity with each frame's landmarks;
@@ -156,8 +159,9 @@ def encode(sampler: core.Sampler, crops: Arrays, arrays: Arrays, missing: np.nda
         arrays.create('masks', (n, 1, S, S), np.uint8)
         arrays.create('x_T', (n, 3, S, S), np_dtype)
     ranks.barrier('encoding')
+    timer = timer or StageTimer()
     todo = _todo(arrays, 'features', n, log, 'the encoding', ranks)
-    with progress_bar(len(todo), 'encode', progress) as bar:
+    with progress_bar(len(todo), 'encode', progress) as bar, timer('encode'):
         for index in _runs(todo, batch_size):
             x = core.crops_to_float(torch.from_numpy(crops.read('crops', index)), dtype).to(sampler.device)
             ids, lnds = core.identity_features(model, x)
@@ -172,7 +176,7 @@ def encode(sampler: core.Sampler, crops: Arrays, arrays: Arrays, missing: np.nda
                      torch.from_numpy(arrays.read('lnd_feats'))).to(dtype).cpu()
     todo = _todo(arrays, 'x_T', n, log, 'the inversion', ranks)
     with progress_bar(len(todo) * (sampler.T - 1), f'invert ({len(todo)} frames x {sampler.T - 1} steps)', progress,
-                      'step') as bar:
+                      'step') as bar, timer('invert'):
         for index in _runs(todo, batch_size):
             x = core.crops_to_float(torch.from_numpy(crops.read('crops', index)), dtype)
             arrays.write('x_T', index, sampler.invert(x, z[index], bar.update).numpy())

@@ -4,6 +4,7 @@ compute the same maths as the plain path; encoded videos save and load; `--confi
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from dataclasses import replace
@@ -156,3 +157,38 @@ def test_fp64_fast_paths_equal_the_plain_path(parity_dir, parity, parity_weights
     assert np.abs(ra - rb).max() < 1e-9  # the same x_T rendered: measured 1e-11
     # chained, the 1e-11 of x_T grow ~500x through the 7 clipped DDIM steps (measured 5e-9): rounding, not maths
     assert np.abs(ra - rb_chained).max() < 1e-7
+
+
+@pytest.mark.skipif(os.environ.get('DVA_SLOW_TESTS') != '1', reason='about 10 minutes of float64 CPU work: '
+                    'DVA_SLOW_TESTS=1 runs it (run before each release; see the README)')
+def test_whole_classifier_edit_in_float64_equals_the_released_one(parity_dir, parity_weights, tmp_path):
+    """editing_classifier.py --aligned --precision fp64 --edit_norm unit on the released pipeline's 8 real crops
+    equals the released float64 classifier edit: x_T and the render within 1e-8, the written 8-bit blends equal to
+    the rounded reference except on rounding ties."""
+    import editing_classifier
+
+    ref = torch.load(parity_dir / 'pipeline_f64' / 'pipeline_f64.pt', weights_only=False)
+    c = ref['config']
+    crops = tmp_path / 'crops'
+    crops.mkdir()
+    x0 = ((ref['x0'] + 1) / 2 * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # exact: see its README
+    for name, x in zip(ref['names'], x0):
+        Image.fromarray(x).save(crops / f'{Path(name).stem}.png')
+    ckpt = parity_weights / 'checkpoints' / 'diffusion_video_autoencoder' / 'last.ckpt'
+    cache, out = tmp_path / 'cache', tmp_path / 'out'
+    editing_classifier.main(['--video_path', str(crops), '--aligned', '--precision', 'fp64', '--edit_norm', 'unit',
+                             '--checkpoint', str(ckpt), '--cls_checkpoint', str(parity_dir / 'classifier' / 'last.ckpt'),
+                             '--T', str(c['T']), '--batch_size', str(c['batch_size']), '--device', 'cpu',
+                             '--attribute', 'Mustache', '--scale', str(c['scale']), '--quiet', '--cache_dir',
+                             str(cache), '--out', str(out)])
+    assert c['cls_id'] == 22 and c['normalize']
+    assert np.array_equal(np.load(next(cache.glob('align-*')) / 'crops.npy'), x0)  # the released input, exactly
+    x_T = np.load(next(cache.glob('encode-*')) / 'x_T.npy')
+    assert np.abs(x_T - ref['x_T'].numpy()).max() < 1e-8
+    render = np.load(next(cache.glob('render-*')) / 'render_float.npy')
+    assert np.abs((render + 1) / 2 - ref['render'].numpy()).max() < 1e-8
+    blend = (ref['blend'].numpy() * 255).transpose(0, 2, 3, 1)
+    for name, expected in zip(ref['names'], blend):
+        ours = np.asarray(Image.open(out / f'Mustache_{c["scale"]:.2f}' / 'blend' / f'{Path(name).stem}.png'))
+        off = ours != np.round(expected)
+        assert np.all(np.abs(expected[off] - np.floor(expected[off]) - 0.5) < 1e-6)  # only ties may round apart

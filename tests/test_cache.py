@@ -14,7 +14,8 @@ from editing.cache import Arrays, Cache, cache_entries, main
 def test_arrays_fill_chunk_by_chunk_and_resume(tmp_path):
     a = Arrays(tmp_path / 'a')
     a.create('x', (5, 2), np.float64)
-    assert a.done('x', 5).tolist() == [False] * 5
+    assert a.done('x', 5).tolist() == [False] * 5 and 'x.done' not in a  # reading marks makes none
+    a.begin('x', 5)
     a.write('x', np.array([1, 3]), np.ones((2, 2)))
     a.mark('x', np.array([1, 3]))
     a.create('x', (5, 2), np.float64)  # resuming: the same shape and dtype keep what is there

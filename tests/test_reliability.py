@@ -157,13 +157,14 @@ def test_clip_direction_of_other_settings_is_a_new_one(weights, clip, cache, tmp
     for d in directions:  # each result says which direction it was made with
         assert json.loads((out / f'{d.stem}_scale1.00' / 'config.json').read_text())['direction'] == str(d)
     # every other setting of the search names its own file too (checked on the names, without searching)
-    editor, base = SimpleNamespace(checkpoint=weights['ckpt']), EditConfig(attribute=('beard',), n_iter=2)
-    names = {clip_search.direction_path(out, cfg, clip_search.settings_of(editor, ['0000'], cfg)).name
-             for cfg in [base] + [EditConfig(**{**vars(base), k: v}) for k, v in [
+    base = EditConfig(attribute=('beard',), n_iter=2)
+    editor = SimpleNamespace(checkpoint=weights['ckpt'], cfg=base)
+    names = {clip_search.direction_path(out, cfg, clip_search.settings_of(editor, ['0000', '0001'], cfg, video)).name
+             for cfg, video in [(base, 'v1'), (base, 'v2')] + [(EditConfig(**{**vars(base), k: v}), 'v1') for k, v in [
                  ('n_iter', 3), ('lr', 0.01), ('src_txt', 'a face'), ('trg_txt', 'beard'), ('clip_loss_w', 1.0),
                  ('id_loss_w', 1.0), ('l1_loss_w', 1.0), ('n_train_step', 4), ('early_stop', 5), ('clip_frame', 1),
-                 ('clip_weights', 'other.pt')]]}
-    assert len(names) == 12
+                 ('clip_weights', 'other.pt'), ('first_step', 'released')]]}
+    assert len(names) == 14  # another video (content) names another direction too
 
 
 def test_ctrl_c_in_the_clip_search_leaves_no_empty_folder(weights, clip, cache, tmp_path, monkeypatch, capsys):
@@ -460,3 +461,18 @@ def test_config_file_repeats_a_run_and_flags_override_it(weights, clip, cache, t
     assert made['scale'] == [0.5] and made['T'] == 5 and made['template'] == 'tiny' and made['save_recon'] is False
     assert made['overwrite'] is False and made['trust_checkpoint'] is False
     assert sorted(p.name for p in new.iterdir()) == ['Mustache_0.50', 'crops', 'summary.json', 'video.json']
+
+
+def test_truncated_video_is_edited_with_a_warning_and_recorded(weights, test_videos_dir, tmp_path):
+    """7. A faststart mp4 cut after 6 of its 24 declared frames: edited as the 6 frames that decode, with a warning,
+    and summary.json records the declared and decoded counts."""
+    import editing_classifier
+    from test_video_io import truncated_copy
+
+    cut = truncated_copy(test_videos_dir / 'sample_24f_540p.mp4', tmp_path / 'cut.mp4', 6)
+    out = tmp_path / 'out'
+    with pytest.warns(UserWarning, match='declares 24 frames but only 6 decode'):
+        summary = editing_classifier.main(cls_args(weights, cut, out, tmp_path / 'cache'))
+    assert summary['frames'] == 6
+    assert json.loads((out / 'summary.json').read_text())['decode'] == {'frames_expected': 24, 'frames_decoded': 6,
+                                                                         'truncated': True}
