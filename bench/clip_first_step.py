@@ -114,14 +114,55 @@ def summary(results: list[dict], fx: dict) -> dict:
     return out
 
 
+def markdown(data: dict) -> str:
+    """The tables of docs/clip_search.md from a JSON written by this script."""
+    runs, summ = data['runs'], data['summary']
+    n = len(runs[0]['clip'])
+    its = [i for i in (0, 1, 2, 3, 5, 8, 10, 15, 20, 25, 29, 39, 49) if i < n]
+    head = [f"{r['first_step']} {r['perturbation']}" for r in runs]
+    lines = ['CLIP loss -log((2 - L_dir) / 2) before the update of each iteration:', '',
+             '| iteration | ' + ' | '.join(head) + ' |', '|---' * (len(runs) + 1) + '|']
+    lines += [f'| {i} | ' + ' | '.join(f"{r['clip'][i]:.4f}" for r in runs) + ' |' for i in its]
+    lines += ['', (f"The release's own 20-iteration run (fixture `long_loss_clip`, 2 threads): "
+              f"{min(summ['fixture_long_loss_clip'][1:]):.4f} at best, {summ['fixture_long_loss_clip'][-1]:.4f} at "
+              f'iteration 19.'), '']
+    base = {r['first_step']: r for r in runs if r['perturbation'] == 'threads2'}
+    levels = (0.64, 0.62, 0.60, 0.55, 0.50, 0.45)
+    lines += [('Adam steps taken before the CLIP loss first reaches a level (2 threads; "-" = not within '
+              f'{n} iterations):'), '', '| CLIP loss <= | ' + ' | '.join(f'{v:.2f}' for v in levels) + ' |',
+              '|---' * (len(levels) + 1) + '|']
+    for fs in ('released', 'projected'):
+        if fs in base:
+            reach = [first_reach(base[fs]['clip'], v) for v in levels]
+            lines.append(f'| {fs} | ' + ' | '.join('-' if k is None else str(k) for k in reach) + ' |')
+    lines += ['', (f'Sensitivity to float noise after {n} iterations, against the 2-thread run of the same first step '
+              '(grad_0: relative L2 error of the first gradient; delta = e - z0):'), '',
+              '| first step | perturbation | grad_0 rel | delta rel | delta cosine | same sign | max-abs | norm of delta |',
+              '|---|---|---|---|---|---|---|---|']
+    for fs in ('released', 'projected'):
+        if fs not in summ:
+            continue
+        for pert, v in summ[fs]['perturbations'].items():
+            norm = torch.tensor(base[fs]['delta']).norm().item()
+            lines.append(f"| {fs} | {pert} | {v['grad0_rel']:.2e} | {v['delta_rel']:.3f} | {v['delta_cos']:.4f} | "
+                         f"{100 * v['delta_sign_agree']:.1f}% | {v['delta_maxabs']:.4f} | {norm:.3f} |")
+    lines += ['', '|grad| per iteration (2 threads): ' + '; '.join(
+        f"{fs}: " + ', '.join(f'{g:.3g}' for g in base[fs]['grad_norms'][:6]) + ', ...' for fs in base)]
+    return '\n'.join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--shared', type=Path, default=ROOT.parent / 'shared')
     p.add_argument('--n_iter', type=int, default=15)
     p.add_argument('--json', type=Path, default=Path('clip_first_step.json'))
+    p.add_argument('--markdown', type=Path, help='print the tables for an existing JSON and exit')
     p.add_argument('--runs', default='projected:threads2,released:threads2,projected:threads1,released:threads1,'
                                       'projected:batch1,released:batch1')
     args = p.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         fx, ema, clip_loss, ref = setup(args.shared, Path(tmp))
     results = []

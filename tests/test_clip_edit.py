@@ -379,3 +379,18 @@ def test_projected_first_step_is_defined_where_the_released_one_is_noise(tiny_dv
                               progress=False)
     agree = (res.delta.sign() == -a['projected'].sign()).float().mean().item()
     assert agree > 0.99 and (res.delta.abs() - lr).abs().max() < 1e-4  # Adam: lr * g / (|g| + 1e-8)
+
+
+def test_find_clip_direction_fp64(tiny_dva, small_clip, frame, frame_features, monkeypatch) -> None:
+    """precision='fp64' with a float64 model: the trajectory, the steps and the losses run in float64."""
+    import copy
+
+    model64 = copy.deepcopy(tiny_dva).double()
+    _use_cached_encoders(monkeypatch, model64, frame.double(), {k: v.double() for k, v in frame_features.items()})
+    steps = []
+    res = find_clip_direction(model64, frame.double(), CLIPDirectionalLoss(small_clip[0], small_clip[1],
+                                                                           templates=IMAGENET_TEMPLATES[:2]),
+                              'face', 'face with beard', n_train_step=2, n_iter=2, progress=False, precision='fp64',
+                              snapshot_every=1, snapshot_fn=lambda it, b: steps.append(b))
+    assert res.delta.dtype == res.z0.dtype == torch.float64 and all(b.dtype == torch.float64 for b in steps)
+    assert res.n_iter_run == 2 and res.delta.abs().max() > 0
