@@ -258,8 +258,8 @@ class Editor:
     """The EMA model, its encoders, device, precision and sampler, loaded once; encode, edit, render, write.
 
     Settings come from an `EditConfig` (the editors' flags); `model` may be given (already loaded) instead of
-    cfg.checkpoint. `progress(stage, done, total)`-style display is tqdm (`DVA` bars); `on_stage(name)` is called as
-    each stage starts (for UIs)."""
+    cfg.checkpoint; `ranks` (default: from torchrun's environment) shares the frames of each stage between processes.
+    Progress is shown as one tqdm bar per stage (Gradio's `track_tqdm` shows the same bars in the demo)."""
 
     def __init__(self, cfg: EditConfig, model: torch.nn.Module | None = None, checkpoint: str | None = None,
                  ranks: distributed.Ranks | None = None) -> None:
@@ -269,8 +269,6 @@ class Editor:
         check_T(cfg.T)
         self.ranks = ranks if ranks is not None else distributed.from_env(cfg.device)
         self.device = cli.resolve_device(distributed.rank_device(cfg.device, self.ranks))
-        if cfg.precision == 'fp64' and self.device.type == 'mps':
-            raise EditError('--precision fp64 runs on CPU or CUDA')
         if model is None:
             ckpt, model, _, _ = load_model(cfg)
         else:

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import replace
 
 import pytest
 import torch
-from conftest import _require
+from conftest import _require, parity_base_config
 
-import templates
 from diffusion import NoiseSchedule, ddim_invert, ddim_sample
 from editing import core
 from model.autoencoder import FaceEncoder
@@ -25,19 +23,11 @@ NET_TOL = 1e-4  # float32 network outputs against fixtures.pt
 EXACT_TOL = 1e-8  # float64 against fixtures_f64.pt
 
 
-def base_config(fx_cfg: dict):
-    cfg = templates.diffusion_video_autoencoder()
-    unet = replace(cfg.unet, image_size=fx_cfg['img_size'], channel_mult=tuple(fx_cfg['net_ch_mult']),
-                   attention_resolutions=tuple(fx_cfg['net_attn']), embed_channels=fx_cfg['embed_channels'],
-                   num_res_blocks=fx_cfg['num_res_blocks'], dropout=fx_cfg['dropout'])
-    return replace(cfg, unet=unet)
-
-
 @pytest.fixture(scope='module')
 def loaded(parity, parity_weights):
     ckpt = parity_weights / 'checkpoints' / 'diffusion_video_autoencoder' / 'last.ckpt'
-    ema, cfg, _ = load_dva(ckpt, base_config(parity['config']), which='ema')
-    model, _, _ = load_dva(ckpt, base_config(parity['config']), which='model')
+    ema, cfg, _ = load_dva(ckpt, parity_base_config(parity['config']), which='ema')
+    model, _, _ = load_dva(ckpt, parity_base_config(parity['config']), which='model')
     assert cfg.unet.model_channels == parity['config']['net_ch']
     return ema, model
 
