@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import SHARED, _require
-from test_parity import base_config
+from conftest import parity_base_config as base_config
 
 from diffusion import NoiseSchedule, ddim_step
 from editing import core
