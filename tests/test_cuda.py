@@ -67,8 +67,9 @@ def test_fp32_gpu_unet_equals_cpu_and_bf16_stays_close(no_tf32):
 
 @torch.no_grad()
 def test_parity_fixture_noise_prediction_on_gpu(parity, parity_weights, no_tf32):
+    from conftest import parity_base_config as base_config
     from model.pretrained import load_dva
-    from test_parity import NET_TOL, base_config
+    from test_parity import NET_TOL
 
     ckpt = parity_weights / 'checkpoints' / 'diffusion_video_autoencoder' / 'last.ckpt'
     ema, _, _ = load_dva(ckpt, base_config(parity['config']), which='ema')
@@ -173,3 +174,18 @@ def test_fp16_mixed_training_on_gpu_uses_the_grad_scaler(tmp_path):
     sd = torch.load(tmp_path / 'run' / 'last.ckpt', map_location='cpu', weights_only=True)['state_dict']
     assert {v.dtype for v in sd.values() if v.is_floating_point()} == {torch.float32}
     assert (tmp_path / 'run' / 'samples' / 'step=0000003.png').is_file()
+
+
+@torch.no_grad()
+def test_fp64_on_gpu_equals_fp64_on_cpu(no_tf32):
+    """--precision fp64 on CUDA: the float64 UNet gives the CPU's noise prediction up to float64 rounding."""
+    from editing.core import conditioned_eps
+
+    cfg = templates.tiny()
+    model = DiffusionVideoAutoencoder(cfg).eval().double()
+    perturb_zero_init(model, seed=0)
+    x = torch.randn(2, 3, cfg.unet.image_size, cfg.unet.image_size, dtype=torch.float64)
+    t, z = torch.tensor([10, 900]), torch.randn(2, cfg.encoder.z_dim, dtype=torch.float64)
+    cpu = conditioned_eps(model, z, 'fp64')(x, t)
+    gpu = conditioned_eps(model.to(CUDA), z.to(CUDA), 'fp64')(x.to(CUDA), t.to(CUDA))
+    assert gpu.dtype == torch.float64 and (gpu.cpu() - cpu).abs().max().item() < 1e-10
