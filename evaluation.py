@@ -69,6 +69,23 @@ def load_crops(paths: Sequence[Path], image_size: int) -> Tensor:
     return torch.stack([image_to_tensor(load_rgb(p), image_size) for p in paths])
 
 
+def recon_editor(checkpoint: str | None, template: str, T: int, batch_size: int, device: str = 'auto',
+                 precision: str = 'fp32', quiet: bool = False, trust_checkpoint: bool = False) -> tuple:
+    """(editing.api.Editor, torchrun ranks, DVAConfig, checkpoint metadata) for `reconstruct`: the reconstruction runs
+    as the editors run it, with a scratch cache removed at `editor.close()`; under torchrun each rank works on its own
+    device, on whole videos."""
+    from config import EditConfig
+    from editing import distributed
+    from editing.api import Editor, load_model
+
+    ranks = distributed.from_env(device)
+    cfg = EditConfig(checkpoint=checkpoint, template=template, trust_checkpoint=trust_checkpoint, T=T,
+                     batch_size=batch_size, device=distributed.rank_device(device, ranks), precision=precision,
+                     quiet=quiet, no_cache=True)
+    ckpt, model, dva_cfg, meta = load_model(cfg)
+    return Editor(cfg, model=model, checkpoint=str(ckpt), ranks=distributed.Ranks()), ranks, dva_cfg, meta
+
+
 def reconstruct(editor: Any, crops: Tensor) -> Tensor:
     """The paper's reconstruction of one video: crops [N,3,S,S] in [-1,1] (8-bit levels) -> x0_hat [N,3,S,S] in
     [-1,1] (CPU float).

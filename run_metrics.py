@@ -19,29 +19,17 @@ import reporting
 
 def run_recon(args: argparse.Namespace) -> dict[str, Any]:
     """Under torchrun, whole videos are spread across the ranks and rank 0 writes the report."""
-    from config import EditConfig
     from editing import distributed
-    from editing.api import Editor, EditError, check_T, load_model
+    from editing.api import check_T
 
-    try:
-        check_T(args.T)
-    except EditError as e:
-        raise SystemExit(str(e)) from None
+    check_T(args.T)
     available, frames = ev.select_videos(args.data, args.split, args.num_videos, args.seed, args.frames_per_video)
     reporting.check_out(args.out, args.overwrite)
     lpips, lpips_source = ev.load_lpips('none' if args.no_lpips else 'random' if args.random_lpips else 'pretrained',
                                         args.lpips_dir)
-    # the reconstruction runs as the editors run it, through the editing API (scratch cache, removed at the end)
-    ranks = distributed.from_env(args.device)
-    edit_cfg = EditConfig(checkpoint=args.checkpoint, template=args.template, trust_checkpoint=args.trust_checkpoint,
-                          T=args.T, batch_size=args.batch_size, device=distributed.rank_device(args.device, ranks),
-                          precision=args.precision, quiet=args.quiet, no_cache=True)
-    try:
-        ckpt, model, cfg, meta = load_model(edit_cfg)
-    except EditError as e:
-        raise SystemExit(str(e)) from None
-    out = reporting.prepare_out(args.out, args.overwrite) if ranks.main else args.out
-    editor = Editor(edit_cfg, model=model, checkpoint=str(ckpt), ranks=distributed.Ranks())  # whole videos per rank
+    editor, ranks, cfg, meta = ev.recon_editor(args.checkpoint, args.template, args.T, args.batch_size, args.device,
+                                               args.precision, args.quiet, args.trust_checkpoint)
+    out, ckpt = reporting.prepare_out(args.out, args.overwrite) if ranks.main else args.out, editor.checkpoint
     device, S = editor.device, cfg.unet.image_size
     print(f'{len(frames)} of {available} videos (seed {args.seed}), {sum(map(len, frames.values()))} frames, '
           f'T={args.T}, {S}x{S}, device {device}; checkpoint {ckpt}')
@@ -144,9 +132,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             raise SystemExit(f'--{flag} must be at least 1, got {value}')
+    from editing.api import EditError
+
     try:
         return run_recon(args) if args.command == 'recon' else run_consistency(args)
-    except (ev.EvaluationError, FileExistsError) as e:
+    except (ev.EvaluationError, FileExistsError, EditError) as e:
         raise SystemExit(str(e)) from None
 
 
