@@ -405,7 +405,8 @@ class Editor:
             self._classifiers = {}
         if path not in self._classifiers:
             try:
-                self._classifiers[path] = load_classifier(path, trust=self.cfg.trust_checkpoint)[0]
+                clf = load_classifier(path, trust=self.cfg.trust_checkpoint)[0]
+                self._classifiers[path] = clf.to(core.dtype_of(self.cfg.precision))  # fp64: the edit in float64 too
             except WeightsError as e:
                 raise EditError(str(e)) from None
         clf, idx = self._classifiers[path], CELEBA_ATTRIBUTES.index(attribute)
