@@ -159,7 +159,7 @@ def test_fp64_fast_paths_equal_the_plain_path(parity_dir, parity, parity_weights
     assert np.abs(ra - rb_chained).max() < 1e-7
 
 
-@pytest.mark.skipif(os.environ.get('DVA_SLOW_TESTS') != '1', reason='about 10 minutes of float64 CPU work: '
+@pytest.mark.skipif(os.environ.get('DVA_SLOW_TESTS') != '1', reason='about 3 minutes of float64 CPU work: '
                     'DVA_SLOW_TESTS=1 runs it (run before each release; see the README)')
 def test_whole_classifier_edit_in_float64_equals_the_released_one(parity_dir, parity_weights, tmp_path):
     """editing_classifier.py --aligned --precision fp64 --edit_norm unit on the released pipeline's 8 real crops
