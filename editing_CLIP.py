@@ -10,6 +10,7 @@ direction is searched once (rank 0) and shared.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from editing import flags
 
@@ -28,25 +29,26 @@ def main(argv: list[str] | None = None) -> dict:
         flags.preflight(cfg, outputs, [('--clip_weights', weights), ('--direction', cfg.direction)])
         ed, ranks = flags.load_editor(cfg, outputs, editor)
 
-        def names(path: str, out) -> list[str]:
+        def names(source, out) -> list[str]:
             if cfg.direction:
-                tag = f'{cfg.attribute[0]}_{clip_search.Path(cfg.direction).stem}'
+                tag = f'{cfg.attribute[0]}_{Path(cfg.direction).stem}'
             else:
-                _, source = ed.open(path)
                 settings = clip_search.settings_of(ed, list(source.names), cfg, fingerprint(source))
                 tag = clip_search.direction_path(out, cfg, settings).stem
             return [f'{tag}_scale{scale_name(s)}' for s in cfg.scale]
 
-        for path, out in outputs:  # before any heavy work
-            ed.check_outputs(out, names(path, out))
-            check_search(cfg, ed, len(ed.open(path)[1]), weights)
+        folders = {}
+        for path, out in outputs:  # before any heavy work; each source opened and hashed once here
+            source = ed.open(path)[1]
+            folders[path] = names(source, out)
+            ed.check_outputs(out, folders[path])
+            check_search(cfg, ed, len(source), weights)
 
         def edit_video(path: str, out) -> dict:
-            folders = names(path, out)
             video = ed.encode(path)
             ed.stage = None  # the search is not counted in frames: an interruption there says no frame count
             direction = ed.clip_direction(video, out)
-            edits = [ed.edit(video, direction, s, name) for s, name in zip(cfg.scale, folders)]
+            edits = [ed.edit(video, direction, s, name) for s, name in zip(cfg.scale, folders[path])]
             recon = ed.reconstruct(video) if cfg.save_recon else None
             summary = ed.write(video, edits, out, recon, {'command': flags.command('editing_CLIP.py', argv)})
             if ed.ranks.main:

@@ -524,7 +524,8 @@ class Editor:
         return self.ranks.broadcast(summary, 'writing the summary')
 
     def check_outputs(self, out_root: str | os.PathLike, names: list[str], video: EncodedVideo | None = None) -> None:
-        """Refuse, before any work, to replace an existing result silently or to mix two videos in one folder."""
+        """Refuse, before any work, to replace an existing result silently or to mix two videos in one folder
+        (`check_one_video`)."""
         out_root = Path(out_root)
         if len(set(names)) != len(names):
             raise EditError(f'two edits would be written to the same folder: {sorted(names)}')
@@ -533,18 +534,29 @@ class Editor:
                 if (out_root / name).exists():
                     raise EditError(f'{out_root / name} already exists; pass --overwrite to replace it or choose '
                                     'another --out')
-        if video is not None and (out_root / 'video.json').is_file():
-            try:
-                other = json.loads((out_root / 'video.json').read_text()).get('source')
-            except (OSError, ValueError):
-                other = None
-            if other is not None and other != _describe(video.source) and not self.cfg.overwrite:
-                raise EditError(f'{out_root} holds the results of another video ({other.get("path")}); choose another '
-                                '--out (one folder per video) or pass --overwrite')
+        if video is not None:
+            check_one_video(out_root, _describe(video.source))
 
     def close(self) -> None:
         if self.ranks.main:
             self.cache.close()
+
+
+def check_one_video(out_root: str | os.PathLike, source: dict[str, Any] | None) -> None:
+    """EditError when `out_root` holds the results of another video or frame selection than `source` (its
+    video.json), even with --overwrite: one output folder holds one video."""
+    try:
+        other = json.loads((Path(out_root) / 'video.json').read_text()).get('source')
+    except (OSError, ValueError, AttributeError):  # no results yet (or a name too long for the file system)
+        return
+    if isinstance(other, dict) and other != source:
+        raise EditError(f'--out {out_root} holds the results of another video or frame selection '
+                        f'({_selection(other)}; this run: {_selection(source or {})}): use one --out folder per video')
+
+
+def _selection(source: dict) -> str:
+    extra = ', '.join(f'{k} {source.get(k)}' for k in ('start', 'end', 'max_num') if source.get(k) not in (None, 0))
+    return f'{source.get("path")}' + (f' with {extra}' if extra else '')
 
 
 def _describe(source: Any) -> dict[str, Any] | None:

@@ -228,7 +228,7 @@ def outputs_of(videos: list[str], cfg: EditConfig, default_root: str) -> list[tu
 
 def preflight(cfg: EditConfig, outputs: list[tuple[str, Path]], files: list[tuple[str, str | None]]) -> None:
     """Check, before anything heavy, every input and file the run will need and that the output folders can be
-    written and hold no other video; SystemExit with one line naming the flag and the fix."""
+    written and hold no other video; SystemExit (or EditError) with one line naming the flag and the fix."""
     import templates
     from editing.api import resolve_checkpoint
 
@@ -251,17 +251,11 @@ def preflight(cfg: EditConfig, outputs: list[tuple[str, Path]], files: list[tupl
         except FileNotFoundError as e:
             raise SystemExit(f'--pretrained_dir {cfg.pretrained_dir}: {e} (or pass --aligned for aligned crops)'
                              ) from None
+    from editing.api import check_one_video
+
     for video, out in outputs:
         check_out(out)
-        if _exists(out / 'video.json'):
-            try:
-                other = json.loads((out / 'video.json').read_text()).get('source')
-            except (OSError, ValueError, AttributeError):
-                other = None
-            this = {'path': video, 'start': cfg.start, 'end': cfg.end, 'max_num': cfg.max_num}
-            if isinstance(other, dict) and other != this:  # the check `Editor.write` makes, made before the work
-                raise SystemExit(f'--out {out} holds the results of another video or frame selection '
-                                 f'({_selection(other)}; this run: {_selection(this)}): use one --out folder per video')
+        check_one_video(out, {'path': video, 'start': cfg.start, 'end': cfg.end, 'max_num': cfg.max_num})
 
 
 def _exists(path: Path) -> bool:
@@ -269,11 +263,6 @@ def _exists(path: Path) -> bool:
         return path.exists()
     except OSError:  # a name too long for the file system, a loop of links
         return False
-
-
-def _selection(source: dict) -> str:
-    extra = ', '.join(f'{k} {source.get(k)}' for k in ('start', 'end', 'max_num') if source.get(k) not in (None, 0))
-    return f'{source.get("path")}' + (f' with {extra}' if extra else '')
 
 
 def check_out(out: Path) -> None:
