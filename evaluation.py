@@ -7,6 +7,8 @@ identity consistency (TL-ID / TG-ID) of an edit. `run_metrics.py` is its command
     pairs = match_frames('run/crops', 'run/Mustache_0.30/blend')
     scores = consistency_scores(embed_files(embedder, [p[1] for p in pairs]),
                                 embed_files(embedder, [p[2] for p in pairs]))
+    run_recon('results/recon', data='datasets/voxceleb1', T=100, ssim_border='zero')  # the whole run, with its report
+    run_consistency('results/cons', 'run/crops', 'run/Mustache_0.30/blend')
 
 Reconstruction (paper Table 2): per video, every chosen frame is DDIM-inverted at T steps conditioned on the video's
 averaged identity and the frame's own landmarks, rendered back with the same z_face, and compared with the input at
@@ -165,6 +167,58 @@ def load_lpips(mode: str = 'pretrained', lpips_dir: str | Path | None = 'pretrai
         raise EvaluationError(f'{e} Or pass --no_lpips to skip LPIPS.') from None
 
 
+def _check_counts(**counts: int | None) -> None:
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise EvaluationError(f'--{name} must be at least 1, got {value}')
+
+
+def run_recon(out: str | Path = 'results/recon', data: str | Path = 'datasets/voxceleb1', split: str = 'test',
+              num_videos: int = 20, seed: int = 0, frames_per_video: int | None = None, T: int = 100,
+              checkpoint: str | None = None, batch_size: int = 8, device: str = 'auto', precision: str = 'fp32',
+              ssim_border: str = 'valid', lpips: str = 'pretrained', lpips_dir: str | None = 'pretrained_models',
+              template: str = 'diffusion_video_autoencoder', trust_checkpoint: bool = False, overwrite: bool = False,
+              quiet: bool = False) -> dict[str, Any]:
+    """The paper's reconstruction table, written to `out` by reporting.write_recon: evaluate_recon on `num_videos`
+    videos of data/split drawn with `seed`, LPIPS per load_lpips(`lpips`), every input checked before the model loads.
+    Under torchrun whole videos are spread across the ranks and rank 0 writes the report.
+    Returns evaluate_recon's dict plus 'out' and 'settings'."""
+    import cli
+    import reporting
+    from editing import distributed
+    from editing.api import check_T
+
+    call = dict(locals())
+    _check_counts(batch_size=batch_size, num_videos=num_videos, frames_per_video=frames_per_video)
+    check_T(T)
+    available, frames = select_videos(data, split, num_videos, seed, frames_per_video)
+    reporting.check_out(out, overwrite)
+    lpips_net, lpips_source = load_lpips(lpips, lpips_dir)
+    editor, ranks, cfg, meta = recon_editor(checkpoint, template, T, batch_size, device, precision, quiet,
+                                            trust_checkpoint)
+    out = reporting.prepare_out(out, overwrite) if ranks.main else Path(out)
+    device, S = editor.device, cfg.unet.image_size
+    print(f'{len(frames)} of {available} videos (seed {seed}), {sum(map(len, frames.values()))} frames, T={T}, '
+          f'{S}x{S}, device {device}; checkpoint {editor.checkpoint}')
+    try:
+        lpips_net = None if lpips_net is None else lpips_net.to(device)
+        result = evaluate_recon(editor, frames, lpips_net, ssim_border, not quiet, ranks)
+    finally:
+        editor.close()
+    distributed.close()
+    if not ranks.main:
+        return result
+    settings = {'checkpoint': str(editor.checkpoint), 'global_step': meta.get('global_step'), 'config': cfg.name,
+                'image_size': S, 'T': T, 'network_calls_per_frame': 2 * T - 1, 'data': str(data), 'split': split,
+                'seed': seed, 'num_videos': num_videos, 'videos': list(frames), 'videos_available': available,
+                'frames_per_video': {v: len(f) for v, f in frames.items()}, 'frames': len(result['per_frame']),
+                'lpips': lpips_source, 'ssim_border': ssim_border, 'device': str(device), 'precision': precision,
+                'batch_size': batch_size, 'ranks': ranks.world}
+    reporting.write_recon(out, result, settings, {'subcommand': 'recon', 'command': cli.command_line(), 'args': call})
+    print(reporting.summary_line(result['mean']) + f'\nwrote {out}/report.md')
+    return {**result, 'out': out, 'settings': settings}
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Temporal identity consistency
 
@@ -273,3 +327,35 @@ def identity_network(template: str, checkpoint: str | None = None, pretrained_di
     if source == 'random':
         source = 'ArcFace IR-SE50 with RANDOM weights (--random_encoder, tests only: the numbers mean nothing)'
     return net, f'ArcFace IR-SE50, {source}'
+
+
+def run_consistency(out: str | Path = 'results/consistency', source: str | Path = '', edit: str | Path = '',
+                    embedder: str = 'arcface', checkpoint: str | None = None, random_encoder: bool = False,
+                    pretrained_dir: str | None = 'pretrained_models', batch_size: int = 16, device: str = 'auto',
+                    template: str = 'diffusion_video_autoencoder', trust_checkpoint: bool = False,
+                    overwrite: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """TL-ID / TG-ID of the edited crops `edit` against the source crops `source` (matched by file stem), written to
+    `out` by reporting.write_consistency. Returns the scalars plus 'out' and 'settings'."""
+    import cli
+    import reporting
+
+    call = dict(locals())
+    if embedder == 'dlib' and (checkpoint or random_encoder):
+        raise EvaluationError('--checkpoint and --random_encoder choose ArcFace weights; not for --embedder dlib')
+    _check_counts(batch_size=batch_size)
+    pairs = match_frames(source, edit)
+    reporting.check_out(out, overwrite)
+    net, weights, device = make_embedder(embedder, cli.resolve_device(device) if embedder == 'arcface' else 'cpu',
+                                         batch_size, template, checkpoint, pretrained_dir, random_encoder,
+                                         trust_checkpoint)
+    out = reporting.prepare_out(out, overwrite)
+    cli.set_cpu_threads()
+    print(f'{len(pairs)} frames; embedder: {weights}')
+    sc = consistency_scores(embed_files(net, [p[1] for p in pairs], progress=not quiet, desc='embed source'),
+                            embed_files(net, [p[2] for p in pairs], progress=not quiet, desc='embed edit'))
+    settings = {'source': str(source), 'edit': str(edit), 'frames': len(pairs), 'embedder': embedder,
+                'embedder_weights': weights, 'device': device}
+    scalars = reporting.write_consistency(out, [p[0] for p in pairs], sc, settings, {
+        'subcommand': 'consistency', 'command': cli.command_line(), 'args': call})
+    print(f'TL-ID {sc["tl_id"]:.4f}   TG-ID {sc["tg_id"]:.4f}   ({len(pairs)} frames)\nwrote {out}/report.md')
+    return {**scalars, 'out': out, 'settings': settings}

@@ -4,8 +4,9 @@
     python run_metrics.py consistency --source editing_classifier/sample_video/crops \\
         --edit editing_classifier/sample_video/Mustache_0.30/blend --out results/consistency
 
-The work is done by evaluation.py (see its docstring) and the files are written by reporting.py: report.md,
-metrics.csv, frames.csv, plot.png and config.json (last) in --out. See docs/reproducing.md.
+The command line of evaluation.run_recon / run_consistency (the same runs from Python); reporting.py writes report.md,
+metrics.csv, frames.csv, plot.png and config.json (last) in --out. Under torchrun, recon spreads whole videos over the
+ranks. See docs/reproducing.md.
 """
 from __future__ import annotations
 
@@ -14,67 +15,6 @@ from typing import Any
 
 import cli
 import evaluation as ev
-import reporting
-
-
-def run_recon(args: argparse.Namespace) -> dict[str, Any]:
-    """Under torchrun, whole videos are spread across the ranks and rank 0 writes the report."""
-    from editing import distributed
-    from editing.api import check_T
-
-    check_T(args.T)
-    available, frames = ev.select_videos(args.data, args.split, args.num_videos, args.seed, args.frames_per_video)
-    reporting.check_out(args.out, args.overwrite)
-    lpips, lpips_source = ev.load_lpips('none' if args.no_lpips else 'random' if args.random_lpips else 'pretrained',
-                                        args.lpips_dir)
-    editor, ranks, cfg, meta = ev.recon_editor(args.checkpoint, args.template, args.T, args.batch_size, args.device,
-                                               args.precision, args.quiet, args.trust_checkpoint)
-    out, ckpt = reporting.prepare_out(args.out, args.overwrite) if ranks.main else args.out, editor.checkpoint
-    device, S = editor.device, cfg.unet.image_size
-    print(f'{len(frames)} of {available} videos (seed {args.seed}), {sum(map(len, frames.values()))} frames, '
-          f'T={args.T}, {S}x{S}, device {device}; checkpoint {ckpt}')
-    if lpips is not None:
-        lpips.to(device)
-    try:
-        result = ev.evaluate_recon(editor, frames, lpips, args.ssim_border, progress=not args.quiet, ranks=ranks)
-    finally:
-        editor.close()
-    if not ranks.main:
-        distributed.close()
-        return result
-    settings = {'checkpoint': str(ckpt), 'global_step': meta.get('global_step'), 'config': cfg.name, 'image_size': S,
-                'T': args.T, 'network_calls_per_frame': 2 * args.T - 1, 'data': str(args.data), 'split': args.split,
-                'seed': args.seed, 'num_videos': args.num_videos, 'videos': list(frames), 'videos_available': available,
-                'frames_per_video': {v: len(f) for v, f in frames.items()}, 'frames': len(result['per_frame']),
-                'lpips': lpips_source, 'ssim_border': args.ssim_border, 'device': str(device),
-                'precision': args.precision, 'batch_size': args.batch_size, 'ranks': ranks.world}
-    distributed.close()
-    reporting.write_recon(out, result, settings, {'subcommand': 'recon', 'command': cli.command_line(),
-                                                  'args': vars(args)})
-    print(reporting.summary_line(result['mean']) + f'\nwrote {out}/report.md')
-    return {**result, 'out': out, 'settings': settings}
-
-
-def run_consistency(args: argparse.Namespace) -> dict[str, Any]:
-    if args.embedder == 'dlib' and (args.checkpoint or args.random_encoder):
-        raise SystemExit('--checkpoint and --random_encoder choose ArcFace weights; not for --embedder dlib')
-    pairs = ev.match_frames(args.source, args.edit)
-    reporting.check_out(args.out, args.overwrite)
-    device = cli.resolve_device(args.device) if args.embedder == 'arcface' else 'cpu'
-    embedder, source, device = ev.make_embedder(args.embedder, device, args.batch_size, args.template, args.checkpoint,
-                                                args.pretrained_dir, args.random_encoder, args.trust_checkpoint)
-    out = reporting.prepare_out(args.out, args.overwrite)
-    cli.set_cpu_threads()
-    print(f'{len(pairs)} frames; embedder: {source}')
-    src, edit = ([p[k] for p in pairs] for k in (1, 2))
-    sc = ev.consistency_scores(ev.embed_files(embedder, src, progress=not args.quiet, desc='embed source'),
-                               ev.embed_files(embedder, edit, progress=not args.quiet, desc='embed edit'))
-    settings = {'source': str(args.source), 'edit': str(args.edit), 'frames': len(pairs), 'embedder': args.embedder,
-                'embedder_weights': source, 'device': str(device)}
-    scalars = reporting.write_consistency(out, [p[0] for p in pairs], sc, settings, {
-        'subcommand': 'consistency', 'command': cli.command_line(), 'args': vars(args)})
-    print(f'TL-ID {sc["tl_id"]:.4f}   TG-ID {sc["tg_id"]:.4f}   ({len(pairs)} frames)\nwrote {out}/report.md')
-    return {**scalars, 'out': out, 'settings': settings}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,15 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    for flag in ('batch_size', 'num_videos', 'frames_per_video'):
-        value = getattr(args, flag, None)
-        if value is not None and value < 1:
-            raise SystemExit(f'--{flag} must be at least 1, got {value}')
+    kw = vars(build_parser().parse_args(argv))
+    command = kw.pop('command')
+    if command == 'recon':
+        no_lpips, random_lpips = kw.pop('no_lpips'), kw.pop('random_lpips')
+        kw['lpips'] = 'none' if no_lpips else 'random' if random_lpips else 'pretrained'
     from editing.api import EditError
 
     try:
-        return run_recon(args) if args.command == 'recon' else run_consistency(args)
+        return (ev.run_recon if command == 'recon' else ev.run_consistency)(**kw)
     except (ev.EvaluationError, FileExistsError, EditError) as e:
         raise SystemExit(str(e)) from None
 

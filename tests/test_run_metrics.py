@@ -177,9 +177,10 @@ def test_recon_end_to_end(aligned_root: Path, tiny_ckpt: Path, tmp_path: Path) -
     assert cfg['T'] == T_VALID and cfg['videos'] == ['vid_a', 'vid_b'] and cfg['frames'] == 6
     assert cfg['network_calls_per_frame'] == 2 * T_VALID - 1 and 'torch' in cfg['software']
 
-    # the run is deterministic: one video, its first and last frames, replacing the earlier report
-    res2 = run_metrics.main(_recon_args(aligned_root, tiny_ckpt, out, '--num_videos', '1', '--seed', '3',
-                                        '--frames_per_video', '2', '--no_lpips', '--overwrite'))
+    # from Python, without argparse: one video, its first and last frames, replacing the earlier report
+    res2 = evaluation.run_recon(out, aligned_root, num_videos=1, seed=3, frames_per_video=2, T=T_VALID,
+                                checkpoint=str(tiny_ckpt), template='tiny', device='cpu', batch_size=4, lpips='none',
+                                overwrite=True, quiet=True)
     (video,) = evaluation.choose_videos(['vid_a', 'vid_b'], 1, seed=3)
     frames2 = _read_csv(out / 'frames.csv')
     assert [(r['video'], r['frame']) for r in frames2] == [(video, '0000.png'), (video, '0002.png')]
@@ -227,6 +228,8 @@ def test_recon_errors(aligned_root: Path, tiny_ckpt: Path, tmp_path: Path, monke
         run_metrics.main(_recon_args(tmp_path / 'empty', tiny_ckpt, tmp_path / 'a'))
     with pytest.raises(SystemExit, match='--num_videos must be at least 1'):
         run_metrics.main(_recon_args(aligned_root, tiny_ckpt, tmp_path / 'a', '--num_videos', '0'))
+    with pytest.raises(evaluation.EvaluationError, match='--frames_per_video must be at least 1'):
+        evaluation.run_recon(tmp_path / 'a', aligned_root, frames_per_video=0, checkpoint=str(tiny_ckpt))
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))  # keep a real hub cache out of the search
     with pytest.raises(SystemExit, match=f'{ALEXNET_FILE}.*--no_lpips'):
         run_metrics.main(_recon_args(aligned_root, tiny_ckpt, tmp_path / 'a', '--lpips_dir', str(tmp_path)))
@@ -254,7 +257,7 @@ def _cons_args(src: Path, edit: Path, out: Path, *extra: str) -> list[str]:
 def test_consistency_dlib(source_dir: Path, edit_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip('dlib')
     same = shutil.copytree(source_dir, tmp_path / 'same')
-    res = run_metrics.main(_cons_args(source_dir, same, tmp_path / 'self', '--embedder', 'dlib'))
+    res = evaluation.run_consistency(tmp_path / 'self', source_dir, same, embedder='dlib', quiet=True)  # from Python
     assert res['tl_id'] == 1.0 and res['tg_id'] == 1.0  # each ratio is x / x
     assert res['src_adjacent'] == res['edit_adjacent'] and res['src_edit_similarity'] == pytest.approx(1, abs=1e-6)
 
