@@ -1,5 +1,7 @@
 """Data preparation as library functions: raw videos or frame folders -> FFHQ-aligned face frames in ROOT/{train,test}/.
 
+    status = prepare(['raw_videos/'], 'datasets/mine', test_fraction=0.1)       # the whole run: 0 ok, 1 a failure
+    # or step by step:
     config = check_root(root, image_settings(settings), overwrite=False)       # RootError: cannot resume this root
     sources, problems = video_sources.discover_inputs(inputs, exclude=root)
     names = video_sources.video_names(sources)
@@ -47,7 +49,11 @@ TOOL = 'prepare_data.py'
 IMAGE_SETTINGS = ('size', 'format', 'every', 'max_frames', 'center_sigma', 'xy_sigma', 'drop_missing')
 
 
-class RootError(ValueError):
+class UsageError(ValueError):
+    """A setting or input `prepare` refuses before any work (prepare_data.py exits 2 with it)."""
+
+
+class RootError(UsageError):
     """The output root cannot be used as asked (other settings, not made by this tool, unreadable JSON)."""
 
 
@@ -409,3 +415,73 @@ def log(msg: str) -> None:
     from tqdm import tqdm
 
     tqdm.write(msg, file=sys.stderr)
+
+
+def prepare(inputs: Sequence[str | Path], out: str | Path, size: int = 256, test_fraction: float = 0.1,
+            split: str | None = None, seed: int = 0, split_by: str | None = None, every: int = 1,
+            max_frames: int | None = None, center_sigma: float = 1.0, xy_sigma: float = 3.0,
+            pretrained_dir: str | None = 'pretrained_models', min_frames: int = 4, drop_missing: bool = False,
+            format: str = 'png', workers: int = 1, overwrite: bool = False, progress: bool = True,
+            command: str | None = None) -> int:
+    """Prepare `inputs` (video files, frame folders, folders holding either) into the dataset root `out`, resuming
+    an earlier run there (the rules of this module's docstring). Prints the closing report; returns 0 when every input
+    was prepared or skipped for its content, 1 when an input failed or the root holds no video.
+    Raises UsageError (a bad setting; RootError: a root that cannot be resumed), FileNotFoundError / ImportError
+    (dlib or its landmark model missing), all before any work."""
+    from cli import software_versions
+    from video_sources import discover_inputs, video_names
+
+    for flag, value, low in (('size', size, 8), ('every', every, 1), ('max_frames', max_frames, 1),
+                             ('min_frames', min_frames, 1), ('workers', workers, 1)):
+        if value is not None and value < low:
+            raise UsageError(f'--{flag} must be >= {low}, got {value}')
+    if not 0.0 <= test_fraction <= 1.0:
+        raise UsageError(f'--test_fraction must be in [0, 1], got {test_fraction}')
+    if center_sigma < 0 or xy_sigma < 0:
+        raise UsageError('--center_sigma and --xy_sigma must be >= 0')
+    root = Path(out)
+    settings = Settings(str(root), size, format, every, max_frames, center_sigma, xy_sigma, min_frames, drop_missing)
+    config = check_root(root, image_settings(settings), overwrite)
+    predictor = check_detector(pretrained_dir)  # fail before any work when dlib or its model is missing
+    sources, problems = discover_inputs(inputs, exclude=root)
+    for _, msg in problems:
+        log(f'error: {msg}' + ('; continuing with the other inputs' if sources else ''))
+    if not sources:
+        print('nothing to prepare: no input holds a video file or a frame folder')
+        return 1
+    names = video_names(sources)
+    try:
+        splits, warning = assign_splits(root, sources, names, split, test_fraction, seed, split_by)
+    except ValueError as e:  # a --split_by pattern that does not compile or matches nothing
+        raise UsageError(str(e)) from None
+    if warning:
+        log(f'warning: {warning}')
+    if overwrite:
+        reset_root(root)
+    root.mkdir(parents=True, exist_ok=True)
+    run_info = {'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'command': command, 'cwd': os.getcwd(),
+                'inputs': [str(i) for i in inputs], 'split': split, 'test_fraction': None if split else test_fraction,
+                'split_by': None if split else split_by, 'seed': seed, 'min_frames': min_frames, 'workers': workers,
+                'pretrained_dir': pretrained_dir, 'shape_predictor': predictor, 'versions': software_versions()}
+    manifest = Manifest(root, problems)  # RootError for an unreadable manifest.json, before anything is written
+    write_json(root / 'config.json', root_config(config, settings, run_info))
+    jobs, skipped, notes = plan_jobs(root, names, sources, splits, manifest.videos)
+    for note in notes:
+        log(note)
+    failures = list(problems)
+
+    def on_result(job: Job, rec: dict) -> None:
+        manifest.videos[job.name] = rec
+        if rec['status'] == 'failed':
+            failures.append((job.source, rec['error']))
+        if line := result_line(job, rec):
+            log(line)
+        manifest.save()
+
+    try:
+        run_jobs(jobs, settings, pretrained_dir, workers, progress, on_result)
+    finally:
+        manifest.save(force=True)
+    text, status = summary(root, jobs, manifest.videos, skipped, failures)
+    print(text)
+    return status

@@ -357,6 +357,19 @@ def test_real_videos_are_aligned_faces(real_root: Path, real_inputs: Path) -> No
         assert 90 < eyes[1] < 128 < mouth[1] < 200 and abs(eyes[0] - 128) < 15
 
 
+def test_prepare_from_python_equals_the_script(real_root: Path, real_inputs: Path, tmp_path: Path) -> None:
+    """data_prep.prepare (no argparse) writes the same frames as prepare_data.py; a bad setting raises UsageError
+    before anything is written."""
+    root = tmp_path / 'api'
+    with pytest.raises(data_prep.UsageError, match='--size must be >= 8'):
+        data_prep.prepare([real_inputs / 'talk'], root, size=4)
+    assert not root.exists()
+    assert data_prep.prepare([real_inputs / 'talk'], root, max_frames=6, split='train', progress=False) == 0
+    got, want = root / 'train' / 'talk', real_root / 'train' / 'talk'
+    assert [f.read_bytes() for f in sorted(got.iterdir())] == [f.read_bytes() for f in sorted(want.iterdir())]
+    assert json.loads((root / 'config.json').read_text())['runs'][0]['command'] is None
+
+
 def test_real_root_loads_in_the_dataset(real_root: Path) -> None:
     from dataset import VideoClipDataset
 
