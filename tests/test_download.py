@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import bz2
 import hashlib
-import importlib.util
 import io
 import socket
 import subprocess
-import sys
 import threading
 import time
 import zipfile
@@ -16,11 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from tools import fetch
+
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location('dva_fetch', ROOT / 'tools' / 'fetch.py')
-fetch = importlib.util.module_from_spec(spec)
-sys.modules['dva_fetch'] = fetch
-spec.loader.exec_module(fetch)
 
 
 class RangeHandler(SimpleHTTPRequestHandler):
@@ -91,8 +87,8 @@ def run(*args: str) -> tuple[int, str, str]:
 
 
 def test_registry_ids_and_default_urls() -> None:
-    tasks = {t.source.name: t for t in fetch.plan(fetch.SOURCES, {})}
-    for name, prefix in [('latent', '1J_eAs5-'), ('dva_ckpt', '1Q6z7Wmo9'), ('cls_ckpt', '1nddbwuAvIVE'),
+    tasks = {t.source.name: t for t in fetch.plan(fetch.SOURCES, {'DVA_GDRIVE_LATENT': 'new-id'})}
+    for name, prefix in [('latent', 'new-id'), ('dva_ckpt', '1Q6z7Wmo9'), ('cls_ckpt', '1nddbwuAvIVE'),
                          ('pretrained_models', '1X2u83hSO2'), ('datasets', '1Kk7U6aeu')]:
         assert tasks[name].url.startswith(f'https://drive.google.com/uc?id={prefix}')
     assert tasks['clip_vit_b16'].sha256 in tasks['clip_vit_b16'].url and tasks['dlib_predictor'].size == 99_693_937
@@ -146,8 +142,7 @@ def test_unreachable_host_fails_fast_and_once(tmp_path, monkeypatch) -> None:
     with socket.socket() as s:  # a loopback port with nobody listening
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
-    monkeypatch.setenv('DVA_MIRROR', f'http://127.0.0.1:{port}')
-    monkeypatch.setenv('DVA_GDRIVE_URL', f'http://127.0.0.1:{port}/{{id}}')
+    monkeypatch.setenv('DVA_MIRROR', f'http://127.0.0.1:{port}')  # the Drive entries too
     monkeypatch.setenv('DVA_ROOT', str(tmp_path))
     start = time.monotonic()
     code, out, err = run()
@@ -162,5 +157,5 @@ def test_dry_run_and_list_write_nothing(mirror) -> None:
     code, out, _ = run('--dry-run', '--skip', 'sample_video')
     assert code == 0 and out.count('pending ') == 8 and not root.exists() and httpd.log == []
     code, out, _ = run('--list')
-    assert code == 0 and len(out.splitlines()) == len(fetch.SOURCES) and 'DVA_MIRROR' not in out
+    assert code == 0 and [x.split()[0] for x in out.splitlines()] == [s.name for s in fetch.SOURCES]
     assert run('--only', 'nope')[0] == 2

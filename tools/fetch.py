@@ -7,16 +7,14 @@ pending|FAILED <path> (<detail>)`; an unreachable host is reported once and not 
 end with how to fetch each by hand; exit status 1 (2 on bad usage).
 
 Environment overrides (the tests point everything at a local server): DVA_ROOT (project root; --root wins);
-DVA_MIRROR (base URL laid out like the root, archives as `pretrained_models.zip`, `...dat.bz2`); DVA_GDRIVE_URL
-(template with `{id}` for the Drive entries); per entry NAME: DVA_GDRIVE_<NAME> (Drive id), DVA_URL_<NAME> (its URL;
-sample_video: the folder), DVA_SHA256_<NAME> ('' disables the check and the built-in size). Precedence: DVA_URL_<NAME>,
-DVA_GDRIVE_URL, DVA_MIRROR, the registry.
+DVA_MIRROR (base URL laid out like the root, archives as `pretrained_models.zip`, `...dat.bz2`); per entry NAME:
+DVA_GDRIVE_<NAME> (Drive id), DVA_URL_<NAME> (its URL; sample_video: the folder), DVA_SHA256_<NAME> ('' disables the
+check and the built-in size). Precedence: DVA_URL_<NAME>, DVA_MIRROR, the registry.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import socket
 import sys
@@ -86,20 +84,15 @@ class Task(NamedTuple):
     size: int | None
 
 
-def _key(name: str) -> str:
-    return re.sub(r'[^A-Z0-9]', '_', name.upper())
-
-
 def _join(base: str, rel: str) -> str:
     return base.rstrip('/') + '/' + urllib.parse.quote(rel)
 
 
 def plan(sources: tuple[Source, ...], env: Mapping[str, str]) -> list[Task]:
     """The tasks of `sources` with the environment overrides of the module docstring applied."""
-    mirror, drive = env.get('DVA_MIRROR', ''), env.get('DVA_GDRIVE_URL', '')
-    tasks = []
+    mirror, tasks = env.get('DVA_MIRROR', ''), []
     for s in sources:
-        k = _key(s.name)
+        k = s.name.upper()
         sha, size = (env[f'DVA_SHA256_{k}'].strip().lower(), None) if f'DVA_SHA256_{k}' in env else (s.sha256, s.size)
         override = env.get(f'DVA_URL_{k}', '')
         if s.kind == 'files':
@@ -107,14 +100,8 @@ def plan(sources: tuple[Source, ...], env: Mapping[str, str]) -> list[Task]:
             tasks += [Task(s, f'{s.dest}/{m}', f'{s.dest}/{m}', _join(base, m), '', None) for m in s.members]
             continue
         fetch_rel = {'zip': f'{s.dest}.zip', 'bz2': f'{s.dest}.bz2'}.get(s.kind, s.dest)
-        file_id = env.get(f'DVA_GDRIVE_{k}', s.gdrive_id).strip()
-        if override:
-            url = override
-        elif s.gdrive_id:
-            url = (drive.replace('{id}', urllib.parse.quote(file_id)) if drive else _join(mirror, fetch_rel)
-                   if mirror else f'https://drive.google.com/uc?id={file_id}')
-        else:
-            url = _join(mirror, fetch_rel) if mirror else s.url
+        drive = s.gdrive_id and f'https://drive.google.com/uc?id={env.get(f"DVA_GDRIVE_{k}", s.gdrive_id).strip()}'
+        url = override or (mirror and _join(mirror, fetch_rel)) or drive or s.url
         tasks.append(Task(s, s.dest, fetch_rel, url, sha, size))
     return tasks
 
@@ -133,14 +120,9 @@ def complete(task: Task, root: Path) -> str:
     return 'complete, sha256 verified' if task.sha256 else 'present'
 
 
-def host_of(url: str) -> tuple[str, int]:
-    parts = urllib.parse.urlsplit(url)
-    return parts.hostname or '', parts.port or (443 if parts.scheme == 'https' else 80)
-
-
-def unreachable_hosts(urls: list[str], timeout: float) -> dict[tuple[str, int], str]:
-    """{host: why} for the hosts of `urls`, '' for those that accept a TCP connection; probed in parallel, so that
-    a machine without a route to them learns it in seconds, once per host."""
+def unreachable(urls: list[str], timeout: float) -> dict[str, str]:
+    """{url: why its host cannot be reached ('' when it accepts a TCP connection)}; every host probed once, all in
+    parallel, so that a machine without a route to them learns it in seconds."""
     from concurrent.futures import ThreadPoolExecutor
 
     def probe(host: tuple[str, int]) -> str:
@@ -150,9 +132,11 @@ def unreachable_hosts(urls: list[str], timeout: float) -> dict[tuple[str, int], 
         except OSError as e:
             return f'cannot reach {host[0]}:{host[1]} ({e}): check the network or use the mirror overrides'
 
-    hosts = sorted({host_of(u) for u in urls})
-    with ThreadPoolExecutor(max(1, len(hosts))) as pool:
-        return dict(zip(hosts, pool.map(probe, hosts)))
+    parts = {u: urllib.parse.urlsplit(u) for u in urls}
+    host = {u: (p.hostname or '', p.port or (443 if p.scheme == 'https' else 80)) for u, p in parts.items()}
+    with ThreadPoolExecutor(max(1, len(set(host.values())))) as pool:
+        why = dict(zip(set(host.values()), pool.map(probe, set(host.values()))))
+    return {u: why[h] for u, h in host.items()}
 
 
 class GdownDownloader:
@@ -188,9 +172,7 @@ def _unpack(paths: list[str], task: Task, root: Path) -> int:
     for item in content.iterdir():
         if item.name not in JUNK:
             target = dest / item.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            target.unlink(missing_ok=True)
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
             os.replace(item, target)
     shutil.rmtree(staging)
     missing = [m for m in task.source.members if not (dest / m).exists()]
@@ -264,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f'unknown entry {", ".join(sorted(set(only + skip) - set(names)))}; choose from {", ".join(names)}')
     tasks = plan(tuple(s for s in SOURCES if (not only or s.name in only) and s.name not in skip), os.environ)
     if args.list:
-        for t in [t for i, t in enumerate(tasks) if i == 0 or t.source != tasks[i - 1].source]:  # one row per entry
+        for t in {t.source.name: t for t in tasks}.values():  # one row per entry
             folder = t.source.kind == 'files'
             where, url = (t.source.dest + '/', t.url.rsplit('/', 1)[0] + '/') if folder else (t.rel, t.url)
             print(f'{t.source.name:18} {where:70} {url} {t.sha256 or "-"}')
@@ -274,8 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     pooch.get_logger().setLevel('WARNING')
     root = (args.root or Path(os.environ.get('DVA_ROOT') or ROOT)).expanduser().resolve()
     done = ['' if args.force else complete(t, root) for t in tasks]
-    hosts = {} if args.dry_run else unreachable_hosts([t.url for t, d in zip(tasks, done) if not d],
-                                                      min(args.timeout, 10.0))
+    hosts = {} if args.dry_run else unreachable([t.url for t, d in zip(tasks, done) if not d], min(args.timeout, 10))
     failures: dict[str, tuple[Task, str, int]] = {}  # per entry: a task, the first reason, files failed
     reported = set()
     for t, why in zip(tasks, done):
@@ -283,17 +264,17 @@ def main(argv: list[str] | None = None) -> int:
         if why or args.dry_run:
             print(f'skipped {rel} ({why})' if why else f'pending {rel} (from {t.url})')
             continue
-        unreachable = hosts.get(host_of(t.url), '')
+        cut_off = hosts.get(t.url, '')
         try:
-            if unreachable:
-                raise ConnectionError(unreachable)
+            if cut_off:
+                raise ConnectionError(cut_off)
             status, detail = fetch(t, root, args)
             print(f'{status} {rel} ({detail})')
         except Exception as e:  # noqa: BLE001 - gdown, requests, pooch and the disk raise many types: report all
-            reason = unreachable.split(' (')[0] if unreachable else ' '.join(str(e).split())[:300] or type(e).__name__
-            if not unreachable or unreachable not in reported:  # an unreachable host is reported once
-                print(f'FAILED {unreachable}' if unreachable else f'FAILED {rel} ({reason})')
-                reported.add(unreachable)
+            reason = cut_off.split(' (')[0] if cut_off else ' '.join(str(e).split())[:300] or type(e).__name__
+            if not cut_off or cut_off not in reported:  # an unreachable host is reported once
+                print(f'FAILED {cut_off}' if cut_off else f'FAILED {rel} ({reason})')
+                reported.add(cut_off)
             first, first_reason, n = failures.get(t.source.name, (t, reason, 0))
             failures[t.source.name] = (first, first_reason, n + 1)
         sys.stdout.flush()
