@@ -72,7 +72,8 @@ def software_versions() -> dict[str, str]:
     from importlib import metadata
 
     out = {'python': platform.python_version(), 'platform': platform.platform()}
-    for dist in ('torch', 'torchvision', 'numpy', 'pillow', 'lightning', 'av', 'dlib-bin', 'open_clip_torch'):
+    for dist in ('torch', 'torchvision', 'numpy', 'scipy', 'pillow', 'lightning', 'av', 'dlib', 'dlib-bin',
+                 'open_clip_torch', 'pytorch-msssim'):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

@@ -549,9 +549,16 @@ def check_one_video(out_root: str | os.PathLike, source: dict[str, Any] | None) 
         other = json.loads((Path(out_root) / 'video.json').read_text()).get('source')
     except (OSError, ValueError, AttributeError):  # no results yet (or a name too long for the file system)
         return
-    if isinstance(other, dict) and other != source:
+    if isinstance(other, dict) and _real(other) != _real(source):
         raise EditError(f'--out {out_root} holds the results of another video or frame selection '
                         f'({_selection(other)}; this run: {_selection(source or {})}): use one --out folder per video')
+
+
+def _real(source: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The source with an existing path made canonical: a relative and an absolute path (or a symlink) of one video
+    are the same video."""
+    path = (source or {}).get('path')
+    return {**source, 'path': os.path.realpath(path)} if isinstance(path, str) and os.path.exists(path) else source
 
 
 def _selection(source: dict) -> str:

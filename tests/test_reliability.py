@@ -412,7 +412,7 @@ def test_wrong_template_names_template_in_one_short_line(weights, clip, tmp_path
     assert heavy == ['load_model'] and not out.exists() and not list(cache.glob('*-*'))
 
 
-def test_one_out_folder_per_video(weights, clip, cache, sample_video_dir, tmp_path, heavy):
+def test_one_out_folder_per_video(weights, clip, cache, sample_video_dir, tmp_path, heavy, monkeypatch):
     out = tmp_path / 'out'
     editing_classifier.main(cls_args(weights, clip, out, cache))
     before = files(out)
@@ -423,6 +423,9 @@ def test_one_out_folder_per_video(weights, clip, cache, sample_video_dir, tmp_pa
         message = refused(editing_classifier.main, cls_args(weights, video, out, cache, '--scale', '0.5', *extra))
         assert message.startswith(f'--out {out} holds the results of another video') and 'one --out' in message
     assert heavy == [] and files(out) == before
+    monkeypatch.chdir(tmp_path)  # the same video by a relative path is the same video
+    editing_classifier.main(cls_args(weights, Path(os.path.relpath(clip, tmp_path)), out, cache, '--scale', '0.5'))
+    assert len(files(out)) > len(before)
 
 
 def test_outputs_get_the_mode_of_the_umask(weights, clip, cache, tmp_path):
