@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextvars
 import ctypes
 import json
+import os
 import re
 import shutil
 import threading
@@ -31,6 +32,7 @@ from PIL import Image, ImageDraw
 if TYPE_CHECKING:
     from typing_extensions import Self
 
+from cli import write_json
 from config import CELEBA_ATTRIBUTES, EditConfig
 from demo.inputs import InputError, Selection, Session, Sessions, check_upload, extract_frames, select_frames
 
@@ -266,15 +268,15 @@ class Demo:
 
     def __init__(self, cfg: EditConfig, root: str | Path, max_bytes: int, max_frames: int, session_ttl: float,
                  max_edits: int = 8, sample: str | Path | None = None) -> None:
-        from editing.api import load_model
+        from editing.api import Editor
 
         self.cfg = replace(cfg, quiet=False, overwrite=True, no_cache=False, out=None, video_path='')
         self.root = Path(root)
         self.max_bytes, self.max_frames, self.max_edits = max_bytes, max_frames, max_edits
         self.sample = Path(sample) if sample and _has_frames(Path(sample)) else None
-        self.checkpoint, self.model, _, _ = load_model(self.cfg)
+        # loaded (and compiled, batch size probed) once; every preview and edit derives its Editor with with_settings
+        self.base = Editor(replace(self.cfg, no_cache=True))
         self.gpu, self.cpu = Worker('gpu'), Worker('preview')
-        self._detector = None
         self.sessions = Sessions(self.root / 'sessions', session_ttl, on_close=self.stop,
                                  busy=lambda key: self.gpu.busy(key) or self.cpu.busy(key))
 
@@ -332,32 +334,34 @@ class Demo:
             return self.cpu.run(key, self._preview, session, start, end, cap)
 
     def _preview(self, session: Session, start, end, cap) -> Preview:
-        from faces import DlibDetector, NoFaceError, align_video, crop_face
+        """The edit's own first stage (Editor.align into the session's cache): the edit that follows finds the faces
+        found, and the preview shows exactly the alignment the edit will use."""
+        from editing.api import EditError
+        from faces import crop_face
 
         selection, source = self._selection(session, start, end, cap)
-        if self._detector is None:  # loaded once; used by the preview worker thread only
-            try:
-                self._detector = DlibDetector(pretrained_dir=self.cfg.pretrained_dir)
-            except (ImportError, FileNotFoundError) as e:
-                raise InputError(f'the face detector is not available on this server: {e}') from None
-        detector = self._detector
         try:
-            alignment = align_video(source, detector, self.cfg.center_sigma, self.cfg.xy_sigma, progress=True,
-                                    keep_landmarks=False)
+            alignment = self.editor(session, None, selection).align()
             first = source.read(0)
-        except NoFaceError:
-            raise InputError(f'no face found in any of the {len(source)} selected frames of {selection.name}: the '
-                             'demo edits videos of a frontal face') from None
+        except EditError as e:
+            text = str(e).replace(str(selection.path), selection.name)
+            if 'no face found in any' in text:
+                text = (f'no face found in any of the {len(source)} selected frames of {selection.name}: the demo '
+                        'edits videos of a frontal face')
+            raise InputError(text) from None
+        except (ImportError, FileNotFoundError) as e:
+            raise InputError(f'the face detector is not available on this server: {e}') from None
         except ValueError as e:
             raise InputError(f'cannot read {selection.name}: {str(e).replace(str(selection.path), selection.name)}'
                              ) from None
+        quad = alignment.arrays.read('quads', slice(0, 1))[0]
         folder = session.folder / 'preview'
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir()
         stamp = f'{session.uploads}_{time.monotonic_ns()}'  # a new name per preview: no stale image in the browser
         frame_png, crop_png = folder / f'frame_{stamp}.png', folder / f'crop_{stamp}.png'
-        draw_quad(first, alignment.quads[0]).save(frame_png)
-        crop_face(first, alignment.quads[0], 1024, 256).save(crop_png)
+        draw_quad(first, quad).save(frame_png)
+        crop_face(first, quad, 1024, 256).save(crop_png)
         missing = list(alignment.missing)
         h, w = first.shape[:2]
         fps = f', {source.fps:.3g} fps' if source.fps else ''
@@ -403,18 +407,15 @@ class Demo:
         if n > self.max_edits:
             raise InputError(f'{n} edits at once; this server renders at most {self.max_edits} per request')
 
-    def editor(self, session: Session, request: EditRequest, selection: Selection):
-        """An Editor with the loaded model, the request's T, decoder and blend, the selected frames and the session's
-        cache (so its config.json records the run as the command-line editors' do)."""
-        from editing.api import Editor
-
-        cfg = replace(self.cfg, T=request.T, decoder=request.decoder, decoder_steps=None, blend=request.blend,
-                      cache_dir=str(session.cache_dir), video_path=str(selection.path), start=selection.start,
-                      end=selection.end, max_num=selection.max_num)
-        editor = Editor(cfg, model=self.model, checkpoint=str(self.checkpoint))
-        if self.cfg.batch_size == 'auto':  # probed once
-            self.cfg = replace(self.cfg, batch_size=editor.batch_size)
-        return editor
+    def editor(self, session: Session, request: EditRequest | None, selection: Selection):
+        """An Editor on the loaded model with the request's T, decoder and blend (None: the preview's alignment
+        only), the selected frames and the session's cache (its config.json records the run as the command-line
+        editors' do)."""
+        run = {} if request is None else {'T': request.T, 'decoder': request.decoder, 'decoder_steps': None,
+                                          'blend': request.blend}
+        return self.base.with_settings(**run, no_cache=False, cache_dir=str(session.cache_dir),
+                                       video_path=str(selection.path), start=selection.start, end=selection.end,
+                                       max_num=selection.max_num)
 
     def _edit(self, session: Session, request: EditRequest, start, end, cap) -> Run:
         from editing.api import scale_name
@@ -443,6 +444,8 @@ class Demo:
         results = [Result(r.name, out / r.name, zip_frames(out / r.name / 'frames',
                                                            out / 'downloads' / f'{r.name}_frames.zip'))
                    for r in edits]
+        for r in results:  # shown in the page and downloaded: no server paths
+            write_json(r.config, hide_paths(json.loads(r.config.read_text())))
         return Run(results, summary, self.report(summary, request, selection))
 
     @staticmethod
@@ -493,6 +496,18 @@ def _has_frames(path: Path) -> bool:
         return bool(list_frames(path))
     except (OSError, ValueError):
         return False
+
+
+def hide_paths(value: Any) -> Any:
+    """A JSON value with every absolute path cut to its file name (what the server's folders are is not the
+    visitor's business; the names say which checkpoint and input were used)."""
+    if isinstance(value, dict):
+        return {k: hide_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [hide_paths(v) for v in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        return Path(value).name
+    return value
 
 
 def config_text(result: Result) -> str:

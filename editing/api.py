@@ -17,13 +17,14 @@ interrupted stage resumes where it stopped.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import numpy as np
 import torch
@@ -168,6 +169,19 @@ class EncodedVideo:
         return open_source(self.source)
 
 
+class AlignedVideo(NamedTuple):
+    """What `Editor.align` returns: the source spec and frame source, the cache arrays 'quads' [N,4,2] and 'crops'
+    [N,S,S,3], the cache key, whether it was a cache hit, the content fingerprint, the faceless frame indices."""
+
+    spec: Any
+    source: Any
+    arrays: Arrays
+    key: str
+    hit: bool
+    content: str
+    missing: list[int]
+
+
 @dataclass
 class Rendered:
     """The crops rendered with one identity: 'render' [N,S,S,3] uint8 in `arrays` (on disk)."""
@@ -288,6 +302,27 @@ class Editor:
             self.cache._scratch = Path(scratch)
         self.timer = pipeline.StageTimer()
         self.stage: tuple[str, Arrays, str, int] | None = None  # what is running: for "N of M frames done"
+        self._classifiers: dict[str, Any] = {}  # loaded once, shared with with_settings' Editors
+
+    MODEL_FIELDS = ('checkpoint', 'template', 'trust_checkpoint', 'device', 'precision', 'channels_last', 'compile')
+
+    def with_settings(self, **changes: Any) -> Editor:
+        """A new Editor sharing this one's loaded (and optimised or compiled) model, with other settings: T, decoder,
+        blend, cache_dir, the video selection, ... (the demo makes one per request). The fields of MODEL_FIELDS, which
+        the loaded model depends on, cannot change."""
+        fixed = sorted(k for k in changes if k in self.MODEL_FIELDS and changes[k] != getattr(self.cfg, k))
+        if fixed:
+            raise EditError(f'with_settings cannot change {", ".join(fixed)}: load another Editor for that')
+        new = copy.copy(self)
+        new.cfg = replace(self.cfg, **changes)
+        check_T(new.cfg.T)
+        if new.cfg.batch_size != self.cfg.batch_size and new.cfg.batch_size != 'auto':
+            new.batch_size = new.cfg.batch_size
+        new.sampler = core.Sampler(self.model, new.cfg.T, new.cfg.precision, self.sampler.micro_batch,
+                                   new.cfg.decoder, new.cfg.decoder_steps, new.cfg.decoder_spacing)
+        new.cache = Cache(None if new.cfg.no_cache else (new.cfg.cache_dir or DEFAULT_CACHE), self.ranks.rank)
+        new.timer, new.stage = pipeline.StageTimer(), None
+        return new
 
     @property
     def image_size(self) -> int:
@@ -336,9 +371,10 @@ class Editor:
         source = FrameList(video)
         return source, source
 
-    def encode(self, video: str | os.PathLike | Iterable[np.ndarray] | None = None, *, start: int | None = None,
-               end: int | None = None, max_num: int | None = None, aligned: bool | None = None) -> EncodedVideo:
-        """Align, crop, encode and DDIM-invert every frame of `video` (default cfg.video_path), or reuse the cache."""
+    def align(self, video: str | os.PathLike | Iterable[np.ndarray] | None = None, *, start: int | None = None,
+              end: int | None = None, max_num: int | None = None, aligned: bool | None = None) -> AlignedVideo:
+        """The first stage of `encode`: detect, smooth and crop the face of every frame of `video` (default
+        cfg.video_path), or reuse the cache. The demo's preview calls it, so that its edit finds the alignment done."""
         from faces import DlibDetector, NoFaceError, full_frame_quad
 
         spec, source = self.open(video, start, end, max_num)
@@ -354,7 +390,7 @@ class Editor:
         akey = make_key(format=FORMAT, video=content, center_sigma=cfg.center_sigma,
                         xy_sigma=cfg.xy_sigma, size=S, detector=detector)
         a = self.cache.entry('align', akey)
-        hits = {'align': a.complete}
+        hit = a.complete
         if not a.complete:
             factory = None if aligned else lambda: DlibDetector(pretrained_dir=cfg.pretrained_dir,
                                                                 max_upsample=cfg.max_upsample,
@@ -370,7 +406,15 @@ class Editor:
                     raise EditError(f'cannot read {getattr(source, "path", "frames")}: {e}') from None
             self._commit(a, {'source': str(getattr(source, 'path', 'frames')), 'frames': len(source)})
             a = self.cache.entry('align', akey)
-        missing = a.arrays.read('missing').tolist()
+        return AlignedVideo(spec, source, a.arrays, akey, hit, content, a.arrays.read('missing').tolist())
+
+    def encode(self, video: str | os.PathLike | Iterable[np.ndarray] | None = None, *, start: int | None = None,
+               end: int | None = None, max_num: int | None = None, aligned: bool | None = None) -> EncodedVideo:
+        """Align, crop, encode and DDIM-invert every frame of `video` (default cfg.video_path), or reuse the cache."""
+        cfg = self.cfg
+        spec, source, arrays, akey, hit, content, missing = self.align(video, start=start, end=end, max_num=max_num,
+                                                                       aligned=aligned)
+        hits = {'align': hit}
         if missing and self.ranks.main:
             names = [source.names[i] for i in missing]
             self.log(f'no face found in {len(missing)} frame(s): '
@@ -382,12 +426,12 @@ class Editor:
         hits['invert'] = e.complete
         if not e.complete:
             with self._run('invert', e.arrays, 'x_T', len(source), timed=False):
-                pipeline.encode(self.sampler, a.arrays, e.arrays, np.asarray(missing), self.batch_size,
+                pipeline.encode(self.sampler, arrays, e.arrays, np.asarray(missing), self.batch_size,
                                 self.progress, self.log, self.ranks, self.timer)
             self._commit(e, {'source': str(getattr(source, 'path', 'frames')), 'checkpoint': str(self.checkpoint),
                              'T': cfg.T})
             e = self.cache.entry('encode', ekey)
-        return EncodedVideo(list(source.names), missing, spec, a.arrays, e.arrays, ekey, hits, content)
+        return EncodedVideo(list(source.names), missing, spec, arrays, e.arrays, ekey, hits, content)
 
     # ----------------------------------------------------------------------------------------------------------------
     # directions
@@ -401,8 +445,6 @@ class Editor:
             raise EditError(f'unknown attribute {attribute!r}; choose from: {", ".join(CELEBA_ATTRIBUTES)}')
         path = cls_checkpoint or self.cfg.cls_checkpoint
         normalize = self.cfg.normalize if normalize is None else normalize
-        if not hasattr(self, '_classifiers'):
-            self._classifiers = {}
         if path not in self._classifiers:
             try:
                 clf = load_classifier(path, trust=self.cfg.trust_checkpoint)[0]

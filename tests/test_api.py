@@ -110,6 +110,26 @@ def test_encode_takes_frames_from_memory(weights, frames, tmp_path):
     assert out['frames'] == N and (tmp_path / 'mem' / 'reconstruction' / 'out.mp4').is_file()
 
 
+def test_align_is_encodes_first_stage_and_with_settings_shares_the_model(weights, frames, tmp_path):
+    """Editor.align (the demo's preview) leaves the alignment in the cache for encode; with_settings gives an Editor
+    on the same loaded model with another T and cache that computes what a freshly loaded Editor computes."""
+    from editing.api import EditError, Editor
+
+    base = Editor(config.EditConfig(checkpoint=str(weights['ckpt']), **settings(weights, tmp_path / 'c')))
+    aligned = base.align(str(frames))
+    assert not aligned.hit and aligned.missing == [] and aligned.arrays.shape('crops') == (N, 32, 32, 3)
+    assert base.encode(str(frames)).cache_hits == {'align': True, 'invert': False}
+    other = base.with_settings(T=10, cache_dir=str(tmp_path / 'c2'))
+    assert other.model is base.model and (other.sampler.T, base.sampler.T) == (10, 5) and other.cache is not base.cache
+    fresh = Editor(config.EditConfig(checkpoint=str(weights['ckpt']), **{**settings(weights, tmp_path / 'c3'),
+                                                                          'T': 10}))
+    a, b = other.encode(str(frames)), fresh.encode(str(frames))
+    assert a.cache_hits == {'align': False, 'invert': False} and torch.equal(a.x_T, b.x_T)
+    assert np.array_equal(other.reconstruct(a).crops, fresh.reconstruct(b).crops)
+    with pytest.raises(EditError, match='cannot change device, precision'):
+        base.with_settings(device='meta', precision='fp64', T=20)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # float64: the fast paths are the same maths
 
