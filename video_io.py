@@ -21,11 +21,11 @@ import os
 import re
 import uuid
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -416,25 +416,11 @@ class VideoWriter:
         for packet in self._stream.encode():
             self._container.mux(packet)
         if self._astream is not None:
-            self._mux_audio()
+            _encode_audio(self._container, self._astream, self.audio)
         self._container.close()
         self._container = None
         os.replace(self._tmp, self.path)
         return self.path
-
-    def _mux_audio(self) -> None:
-        """Encode the clip (the encoder cuts it into AAC frames of its own size)."""
-        import av
-
-        clip, stream = self.audio, self._astream
-        for k in range(0, clip.samples.shape[1], 1 << 14):
-            piece = av.AudioFrame.from_ndarray(np.ascontiguousarray(clip.samples[:, k:k + (1 << 14)]), format='fltp',
-                                               layout=clip.layout)
-            piece.sample_rate, piece.pts, piece.time_base = clip.rate, k, Fraction(1, clip.rate)
-            for packet in stream.encode(piece):
-                self._container.mux(packet)
-        for packet in stream.encode():
-            self._container.mux(packet)
 
     def abort(self) -> None:
         """Drop the partial output (the temporary file); `path` is not touched."""
@@ -452,6 +438,69 @@ class VideoWriter:
             self.close()
         else:
             self.abort()
+
+
+def _encode_audio(container: Any, stream: Any, clip: AudioClip) -> None:
+    """Encode the clip into `stream` (the encoder cuts it into AAC frames of its own size)."""
+    import av
+
+    for k in range(0, clip.samples.shape[1], 1 << 14):
+        piece = av.AudioFrame.from_ndarray(np.ascontiguousarray(clip.samples[:, k:k + (1 << 14)]), format='fltp',
+                                           layout=clip.layout)
+        piece.sample_rate, piece.pts, piece.time_base = clip.rate, k, Fraction(1, clip.rate)
+        for packet in stream.encode(piece):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+
+
+def join_videos(segments: Sequence[str | os.PathLike], path: str | os.PathLike, audio: AudioClip | None = None
+                ) -> Path:
+    """One mp4 at `path` (atomically) from consecutive segments written by `VideoWriter` with the same size and fps,
+    without re-encoding: the H.264 packets are copied and their timestamps shifted (every segment starts with a
+    keyframe, and the colour tags come with the stream). `audio` is encoded as by VideoWriter. The ranks of a
+    distributed edit each encode their share of the frames as one segment."""
+    import av
+
+    def first_dts(segment: str | os.PathLike) -> int:
+        with av.open(str(segment)) as inp:
+            return next(p.dts for p in inp.demux(inp.streams.video[0]) if p.dts is not None)
+
+    # x264's decode delay (B-frames) is negative dts at a segment's start, and a short segment may have less of it
+    # than the next: decode times are renumbered from the largest delay on, one frame apart, which keeps them
+    # increasing and never after a frame's presentation time.
+    dts = min(0, *map(first_dts, segments))
+    path = Path(path)
+    tmp = _temp_sibling(path)
+    try:
+        with av.open(str(tmp), mode='w', format='mp4') as out:
+            with av.open(str(segments[0])) as first:
+                stream = out.add_stream_from_template(first.streams.video[0])
+                extradata = first.streams.video[0].codec_context.extradata
+            sound = out.add_stream('aac', rate=audio.rate, layout=audio.layout) if audio is not None else None
+            offset = 0
+            for segment in segments:
+                with av.open(str(segment)) as inp:
+                    src = inp.streams.video[0]
+                    if (src.time_base, src.codec_context.extradata) != (stream.time_base, extradata):
+                        raise ValueError(f'{segment} was encoded with other settings than {segments[0]} (time base '
+                                         'or H.264 parameter sets): write every segment with one VideoWriter setting')
+                    end = offset
+                    for packet in inp.demux(src):
+                        if packet.dts is None:  # the demuxer's empty flush packet
+                            continue
+                        packet.pts, packet.dts = packet.pts + offset, dts
+                        dts += packet.duration
+                        end = max(end, packet.pts + packet.duration)
+                        packet.stream = stream
+                        out.mux(packet)
+                    offset = end
+            if sound is not None:
+                _encode_audio(out, sound, audio)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def write_video(

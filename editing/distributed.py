@@ -43,9 +43,10 @@ class Ranks:
     def main(self) -> bool:
         return self.rank == 0
 
-    def share(self, index: np.ndarray) -> np.ndarray:
-        """This rank's contiguous part of `index` (all of it in a single process)."""
-        return np.array_split(np.asarray(index), self.world)[self.rank] if self.enabled else np.asarray(index)
+    def share(self, index: np.ndarray, rank: int | None = None) -> np.ndarray:
+        """This rank's (or `rank`'s) contiguous part of `index` (all of it in a single process)."""
+        rank = self.rank if rank is None else rank
+        return np.array_split(np.asarray(index), self.world)[rank] if self.enabled else np.asarray(index)
 
     def items(self, items: list) -> list:
         """Whole items (e.g. videos) for this rank: every world-th, from its rank on."""

@@ -244,10 +244,11 @@ def write(source, names: list[str], crops: Arrays, encoded: Arrays, edits: list[
     with save_frames), blend/<name>.png (the crop composite, released `paste_avg_mani`), out.mp4 and
     side_by_side.mp4 (original | reconstruction if any | edit) at `fps` with `audio`. The crops go to
     <out_root>/crops/, the reconstruction's frames to <out_root>/recon/. edit_frames (bool [N]): the frames that get
-    the edit; the others stay as they are (frames without a face). With several ranks each writes the PNGs of its
-    share of the frames, and rank 0 also pastes every frame for the videos."""
+    the edit; the others stay as they are (frames without a face). With several ranks each pastes its contiguous
+    share of the frames, writes their PNGs and encodes them as one segment of each video; rank 0 then joins the
+    segments without re-encoding (video_io.join_videos) and adds the sound."""
     from faces import paste_back
-    from video_io import VideoWriter, save_image_atomic
+    from video_io import VideoWriter, join_videos, save_image_atomic
 
     timer = timer or StageTimer()
     n = len(names)
@@ -256,7 +257,6 @@ def write(source, names: list[str], crops: Arrays, encoded: Arrays, edits: list[
     edit_frames = np.ones(n, bool) if edit_frames is None else edit_frames
     sigma = feather if blend == 'feather' else 0.0
     quads = crops.read('quads')
-    writers = []
     if ranks.main:
         (out_root / 'crops').mkdir(parents=True, exist_ok=True)
         if recon is not None:
@@ -265,9 +265,15 @@ def write(source, names: list[str], crops: Arrays, encoded: Arrays, edits: list[
             (folder / 'blend').mkdir(parents=True, exist_ok=True)
             if save_frames:
                 (folder / 'frames').mkdir(exist_ok=True)
-            writers.append((VideoWriter(folder / 'out.mp4', fps, audio=audio),
-                            VideoWriter(folder / 'side_by_side.mp4', fps, audio=audio)))
     ranks.barrier('writing')
+
+    def segment(folder: Path, name: str, rank: int) -> Path:  # one rank's part of a video (hidden until joined)
+        return folder / f'.{name}.rank{rank:04d}.mp4'
+
+    videos = ('out.mp4', 'side_by_side.mp4')
+    writers = [tuple(VideoWriter(segment(folder, v, ranks.rank), fps) if ranks.enabled else
+                     VideoWriter(folder / v, fps, audio=audio) for v in videos)
+               for folder, _ in edits] if mine.any() else []
     # PNG encoding (zlib releases the GIL) runs in threads beside the pasting and the video encoders
     pool, pending = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)), deque()
 
@@ -277,12 +283,11 @@ def write(source, names: list[str], crops: Arrays, encoded: Arrays, edits: list[
             pending.popleft().result()
 
     frames = iter(source)
-    work = np.ones(n, bool) if ranks.main else mine
     try:
-        with progress_bar(int(work.sum()), 'paste back', progress) as bar:
-            for lo in range(0, int(np.flatnonzero(work).max()) + 1 if work.any() else 0, CHUNK):
+        with progress_bar(int(mine.sum()), 'paste back', progress) as bar:
+            for lo in range(0, int(np.flatnonzero(mine).max()) + 1 if mine.any() else 0, CHUNK):
                 sl = slice(lo, min(n, lo + CHUNK))
-                if not work[sl].any():
+                if not mine[sl].any():
                     for _ in range(sl.start, sl.stop):
                         next(frames)
                     continue
@@ -292,7 +297,7 @@ def write(source, names: list[str], crops: Arrays, encoded: Arrays, edits: list[
                 for j, i in enumerate(range(sl.start, sl.stop)):
                     with timer('decode'):
                         frame = next(frames)
-                    if not work[i]:
+                    if not mine[i]:
                         continue
                     with timer('paste'):
                         m = masks[j, 0].astype(np.float32)
@@ -306,14 +311,13 @@ def write(source, names: list[str], crops: Arrays, encoded: Arrays, edits: list[
                                                            ) * 2 - 1)[0].numpy() if edit_frames[i] else crop_u8[j]
                                   for r in renders]
                     with timer('write'):
-                        if mine[i]:
-                            save(out_root / 'crops' / f'{names[i]}.png', crop_u8[j])
-                            if recon_frame is not None:
-                                save(out_root / 'recon' / f'{names[i]}.png', recon_frame)
-                            for out, blended, (folder, _) in zip(outs, blends, edits):
-                                if save_frames:
-                                    save(folder / 'frames' / f'{names[i]}.png', out)
-                                save(folder / 'blend' / f'{names[i]}.png', blended)
+                        save(out_root / 'crops' / f'{names[i]}.png', crop_u8[j])
+                        if recon_frame is not None:
+                            save(out_root / 'recon' / f'{names[i]}.png', recon_frame)
+                        for out, blended, (folder, _) in zip(outs, blends, edits):
+                            if save_frames:
+                                save(folder / 'frames' / f'{names[i]}.png', out)
+                            save(folder / 'blend' / f'{names[i]}.png', blended)
                         for out, (writer, sbs) in zip(outs, writers):
                             writer.write(out)
                             sbs.write(side_by_side([frame] + ([recon_frame] if recon_frame is not None else [])
@@ -325,6 +329,16 @@ def write(source, names: list[str], crops: Arrays, encoded: Arrays, edits: list[
             for writer, sbs in writers:
                 writer.close()
                 sbs.close()
+        if ranks.enabled:
+            ranks.barrier('encoding the video segments')
+            if ranks.main:
+                with timer('join'):
+                    ranks_with_frames = [r for r in range(ranks.world) if len(ranks.share(np.arange(n), r))]
+                    for (folder, _), v in ((e, v) for e in edits for v in videos):
+                        parts = [segment(folder, v, r) for r in ranks_with_frames]
+                        join_videos(parts, folder / v, audio)
+                        for part in parts:
+                            part.unlink()
     except BaseException:
         for f in pending:
             f.cancel()

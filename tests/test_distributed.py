@@ -97,9 +97,16 @@ def test_two_ranks_write_what_one_process_writes(weights, sample_video_dir, tmp_
         a = np.load(next((tmp_path / 'cache1').glob('encode-*')) / f'{name}.npy')
         b = np.load(next((tmp_path / 'cache2').glob('encode-*')) / f'{name}.npy')
         assert np.array_equal(a, b), name
-    from video_io import read_video_info
+    # each rank encoded its frames as a segment of each video, rank 0 joined them: every frame, in order
+    from video_io import FrameSource
 
-    assert read_video_info(tmp_path / 'two' / 'Mustache_0.50' / 'out.mp4')[0] == N
+    edit = tmp_path / 'two' / 'Mustache_0.50'
+    frames = [two[f'Mustache_0.50/frames/{p.stem}.png'] for p in sorted(video.iterdir())]
+    decoded = list(FrameSource(edit / 'out.mp4'))
+    assert len(decoded) == len(FrameSource(edit / 'side_by_side.mp4')) == N and not list(edit.glob('.*.mp4'))
+    mse = np.array([[np.mean((got.astype(float) - want) ** 2) for want in frames] for got in decoded])
+    assert (10 * np.log10(255 ** 2 / mse.diagonal()) > 35).all()  # H.264 at crf 18: close, not equal
+    assert (mse.argmin(axis=1) == np.arange(N)).all()  # in order: each nearest to its own frame
 
 
 def worker_pid(mark: str, local_rank: int) -> int | None:

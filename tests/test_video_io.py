@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from fractions import Fraction
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from video_io import (
     IMAGE_EXTS,
     FrameSource,
     VideoWriter,
+    join_videos,
     list_frames,
     read_image,
     read_video_info,
@@ -368,6 +370,37 @@ def test_real_frames_lossless_round_trip(sample_video_dir: Path, test_videos_dir
             assert got.shape == ref.shape
             assert _psnr(got, ref) > 48, (name, _psnr(got, ref))
             assert np.abs(got.astype(float).mean((0, 1, 2)) - ref.mean((0, 1, 2))).max() < 1.0  # no colour shift
+
+
+def test_joined_segments_are_the_segments_frames_with_sound(sample_video_dir: Path, tmp_path: Path) -> None:
+    """join_videos (the distributed edit's videos): the packets of consecutive segments copied into one mp4, so an
+    independent decoder (the ffmpeg program) and ours get exactly the segments' frames, in order, evenly timed, with
+    the colour tags and the sound of the whole clip."""
+    import av
+
+    frames = [np.asarray(Image.open(p).convert('RGB').resize((320, 180))) for p in
+              sorted(sample_video_dir.glob('*.jpeg'))[:11]]
+    cuts = [0, 4, 5, 11]  # segments of 4, 1 and 6 frames (x264 puts B-frames in the longer ones)
+    parts = [write_video(tmp_path / f'part{k}.mp4', frames[a:b], 25) for k, (a, b) in enumerate(itertools.pairwise(cuts))]
+    clip = FrameSource(video_with_sound(sample_video_dir, tmp_path / 'talk.mp4')).audio()  # 0.4 s: 200 then 1000 Hz
+    out = join_videos(parts, tmp_path / 'joined.mp4', clip)
+    want = np.concatenate([np.stack(list(FrameSource(p))) for p in parts])
+    assert np.array_equal(np.stack(list(FrameSource(out))), want)
+    assert np.array_equal(_ffmpeg_decode(out, (320, 180)), np.concatenate([_ffmpeg_decode(p, (320, 180))
+                                                                           for p in parts]))
+    with av.open(str(out)) as c:
+        v = c.streams.video[0]
+        cc = v.codec_context
+        assert (str(cc.color_primaries), str(cc.color_trc), str(cc.colorspace), str(cc.color_range)) == ('1',) * 4
+        times = [f.time for f in c.decode(v)]
+    assert np.allclose(np.diff(times), 1 / 25) and times[0] == 0
+    samples, rate = decoded_sound(out)
+    assert dominant_hz(samples[:4800], rate) == pytest.approx(200, abs=30)
+    assert dominant_hz(samples[int(0.2 * rate):int(0.4 * rate)], rate) == pytest.approx(1000, abs=30)
+    lossless = write_video(tmp_path / 'lossless.mp4', frames[:2], 25, crf=0)  # other H.264 parameter sets
+    with pytest.raises(ValueError, match='lossless.mp4 was encoded with other settings'):
+        join_videos([parts[0], lossless], tmp_path / 'mixed.mp4')
+    assert not (tmp_path / 'mixed.mp4').exists() and not list(tmp_path.glob('.*'))  # no temporary file left
 
 
 # ---------------------------------------------------------------------------------------------------------------------
