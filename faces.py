@@ -15,6 +15,7 @@ The pipeline (dva_spec.md section 6 steps 2-5 and 10, with defects 14, 15 and 18
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -504,7 +505,12 @@ def detect_faces(frames: Iterable[np.ndarray], detector: Detector, which: Iterab
     # disable=None: tqdm shows no bar when stderr is not a terminal (a log file would get its carriage returns)
     bar = tqdm(total=total if which is None else len(which), desc='aligning faces', unit='frame',
                disable=None if progress else True)
-    for i, rgb in enumerate(frames):
+    # frames outside this process's share are not read: before it (FrameSource.iter_from) nor after it
+    first = min(which, default=total or 0) if which is not None and hasattr(frames, 'iter_from') else 0
+    last = max(which, default=-1) if which is not None and total is not None else None
+    out += [None] * first
+    todo = frames.iter_from(first) if first else iter(frames)
+    for i, rgb in enumerate(todo if last is None else itertools.islice(todo, max(0, last + 1 - first)), start=first):
         if which is not None and i not in which:
             out.append(None)
             continue
@@ -512,6 +518,7 @@ def detect_faces(frames: Iterable[np.ndarray], detector: Detector, which: Iterab
         out.append([np.asarray(f, dtype=np.float64) for f in detector(rgb)])
         bar.update()
     bar.close()
+    out += [None] * ((total or 0) - len(out))
     describe = getattr(detector, 'describe', None)
     return out, describe(*size) if callable(describe) and size is not None else ''
 

@@ -255,11 +255,16 @@ class FrameSource:
 
     def __iter__(self) -> Iterator[np.ndarray]:
         """Yield every selected frame in order as RGB uint8 [H, W, 3] (streamed)."""
+        return self.iter_from(0)
+
+    def iter_from(self, first: int) -> Iterator[np.ndarray]:
+        """Yield the selected frames from index `first` on; the earlier ones are not read (folders) or not converted
+        to RGB (videos: decoded only), so that a rank working on the end of a video skips its start cheaply."""
         if not self.is_video:
-            for p in self.files:
+            for p in self.files[first:]:
                 yield self._read_file(p)
         else:
-            yield from self._decode()
+            yield from self._decode(first)
 
     def read(self, i: int) -> np.ndarray:
         """Frame `i` of the selection (0 <= i < len) as RGB uint8 [H, W, 3]."""
@@ -283,7 +288,7 @@ class FrameSource:
             )
         return arr
 
-    def _decode(self) -> Iterator[np.ndarray]:
+    def _decode(self, first: int = 0) -> Iterator[np.ndarray]:
         import av
 
         try:
@@ -293,7 +298,7 @@ class FrameSource:
                 for j, frame in enumerate(container.decode(stream)):
                     if j >= self._range.stop:
                         break
-                    if j >= self._range.start:
+                    if j >= self._range.start + first:
                         arr = frame.to_ndarray(format='rgb24', interpolation=_flags(DECODE_FLAGS))
                         if (arr.shape[1], arr.shape[0]) != self.size:
                             raise ValueError(

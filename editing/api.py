@@ -63,6 +63,9 @@ class FrameList:
     def __iter__(self):
         return iter(self.frames)
 
+    def iter_from(self, first: int):
+        return iter(self.frames[first:])
+
     def audio(self) -> None:
         return None
 

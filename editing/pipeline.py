@@ -10,6 +10,7 @@ chunks already marked done.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import time
@@ -125,7 +126,7 @@ def align(source, detector_factory: Callable[[], Callable] | None, arrays: Array
     if todo:
         last = max(todo)
         with progress_bar(len(todo), 'crop', progress) as bar, timer('crop'):
-            for i, frame in enumerate(source):
+            for i, frame in enumerate(frames_from(source, min(todo)), start=min(todo)):
                 if i in todo:
                     chunk.append((i, np.asarray(crop_face(frame, quads[i], first, size))))
                     bar.update()
@@ -234,6 +235,12 @@ def side_by_side(panels: list[np.ndarray], height: int = 512) -> np.ndarray:
     return np.concatenate(out, axis=1)
 
 
+def frames_from(source, first: int) -> Iterator[np.ndarray]:
+    """The frames of `source` from index `first` on (a FrameSource skips the earlier ones cheaply)."""
+    skip = getattr(source, 'iter_from', None)
+    return skip(first) if skip is not None else itertools.islice(iter(source), first, None)
+
+
 def write(source, names: list[str], crops: Arrays, encoded: Arrays, edits: list[tuple[Path, Arrays]],
           out_root: Path, fps: float, audio=None, blend: str = 'hard', feather: float = 3.0,
           recon: Arrays | None = None, edit_frames: np.ndarray | None = None, save_frames: bool = True,
@@ -282,23 +289,18 @@ def write(source, names: list[str], crops: Arrays, encoded: Arrays, edits: list[
         while len(pending) > 8:  # bounded: at most 8 images wait in memory (1080p: 6 MB each)
             pending.popleft().result()
 
-    frames = iter(source)
+    share = np.flatnonzero(mine)  # contiguous
+    frames = frames_from(source, int(share[0]) if len(share) else n)
     try:
-        with progress_bar(int(mine.sum()), 'paste back', progress) as bar:
-            for lo in range(0, int(np.flatnonzero(mine).max()) + 1 if mine.any() else 0, CHUNK):
-                sl = slice(lo, min(n, lo + CHUNK))
-                if not mine[sl].any():
-                    for _ in range(sl.start, sl.stop):
-                        next(frames)
-                    continue
+        with progress_bar(len(share), 'paste back', progress) as bar:
+            for lo in range(int(share[0]), int(share[-1]) + 1, CHUNK) if len(share) else ():
+                sl = slice(lo, min(int(share[-1]) + 1, lo + CHUNK))
                 crop_u8, masks = crops.read('crops', sl), encoded.read('masks', sl)
                 renders = [a.read('render', sl) for _, a in edits]
                 recon_u8 = recon.read('render', sl) if recon is not None else None
                 for j, i in enumerate(range(sl.start, sl.stop)):
                     with timer('decode'):
                         frame = next(frames)
-                    if not mine[i]:
-                        continue
                     with timer('paste'):
                         m = masks[j, 0].astype(np.float32)
                         paste = (lambda r: paste_back(frame, r, quads[i], m, sigma)) if edit_frames[i] else \

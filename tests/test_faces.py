@@ -17,6 +17,7 @@ from faces import (
     NoFaceError,
     align_video,
     crop_face,
+    detect_faces,
     find_shape_predictor,
     landmarks_to_quad_params,
     paste_back,
@@ -241,6 +242,26 @@ def test_no_face_anywhere_raises() -> None:
     with pytest.raises(NoFaceError, match='no face'):
         align_video(fake_frames(3), FakeDetector([[], [], []]), progress=False)
     assert issubclass(NoFaceError, ValueError)
+
+
+def test_a_share_of_the_frames_reads_only_those_frames(sample_video_dir: Path, test_videos_dir: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """detect_faces on a rank's share (`which`) reads no file of a frame folder outside it and converts no video
+    frame outside it to RGB; the frames it yields are the ones plain iteration yields."""
+    from editing.pipeline import frames_from
+
+    folder, video = FrameSource(sample_video_dir, max_num=8), FrameSource(test_videos_dir / 'sample_24f_540p.mp4')
+    read, converted = [], []
+    real_read, real_convert = FrameSource._read_file, __import__('av').VideoFrame.to_ndarray
+    monkeypatch.setattr(FrameSource, '_read_file', lambda self, p: read.append(p.name) or real_read(self, p))
+    monkeypatch.setattr('av.VideoFrame.to_ndarray', lambda f, **kw: converted.append(1) or real_convert(f, **kw))
+    calls = []
+    faces, _ = detect_faces(folder, lambda rgb: calls.append(rgb.sum()) or [], which=[3, 4], progress=False)
+    assert faces == [None] * 3 + [[], []] + [None] * 3 and read == ['0003.jpeg', '0004.jpeg'] and len(calls) == 2
+    assert [f.sum() for f in frames_from(folder, 6)] == [f.sum() for f in list(folder)[6:]]
+    converted.clear()
+    assert np.array_equal(np.stack(list(frames_from(video, 20))), np.stack(list(video)[20:]))
+    assert len(converted) == 24 + 4  # the whole video once, its last 4 frames once more
 
 
 class Terminal(io.StringIO):
