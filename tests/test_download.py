@@ -87,7 +87,7 @@ def run(*args: str) -> tuple[int, str, str]:
 
 
 def test_registry_ids_and_default_urls() -> None:
-    tasks = {t.source.name: t for t in fetch.plan(fetch.SOURCES, {'DVA_GDRIVE_LATENT': 'new-id'})}
+    tasks = {t.name: t for t in fetch.plan(fetch.SOURCES, {'DVA_GDRIVE_LATENT': 'new-id'})}
     for name, prefix in [('latent', 'new-id'), ('dva_ckpt', '1Q6z7Wmo9'), ('cls_ckpt', '1nddbwuAvIVE'),
                          ('pretrained_models', '1X2u83hSO2'), ('datasets', '1Kk7U6aeu')]:
         assert tasks[name].url.startswith(f'https://drive.google.com/uc?id={prefix}')
@@ -158,4 +158,5 @@ def test_dry_run_and_list_write_nothing(mirror) -> None:
     assert code == 0 and out.count('pending ') == 8 and not root.exists() and httpd.log == []
     code, out, _ = run('--list')
     assert code == 0 and [x.split()[0] for x in out.splitlines()] == [s.name for s in fetch.SOURCES]
+    assert out.splitlines()[-1].split()[1] == 'sample_video/'  # the folder, not its first frame
     assert run('--only', 'nope')[0] == 2

@@ -20,9 +20,8 @@ import socket
 import sys
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import NamedTuple
 
 # The registry. Drive ids are those of the released download_requirements.sh (gmkim-ai/Diffusion-Video-Autoencoders);
 # no hash is published for them. CLIP's sha256 is the one in OpenAI's URL; dlib's is that of dlib.net's file as
@@ -46,6 +45,11 @@ class Source:
     sha256: str = ''
     size: int | None = None
     members: tuple[str, ...] = ()
+
+    @property
+    def archive(self) -> str:
+        """The file downloaded: dest itself, or the archive unpacked into dest."""
+        return {'zip': f'{self.dest}.zip', 'bz2': f'{self.dest}.bz2'}.get(self.kind, self.dest)
 
 
 SOURCES = (
@@ -73,23 +77,12 @@ ROOT = Path(__file__).resolve().parents[1]
 JUNK = ('__MACOSX', '.DS_Store')
 
 
-class Task(NamedTuple):
-    """One download: `rel` is what the user gets (a folder for zips), `fetch_rel` the file downloaded."""
-
-    source: Source
-    rel: str
-    fetch_rel: str
-    url: str
-    sha256: str
-    size: int | None
-
-
 def _join(base: str, rel: str) -> str:
     return base.rstrip('/') + '/' + urllib.parse.quote(rel)
 
 
-def plan(sources: tuple[Source, ...], env: Mapping[str, str]) -> list[Task]:
-    """The tasks of `sources` with the environment overrides of the module docstring applied."""
+def plan(sources: tuple[Source, ...], env: Mapping[str, str]) -> list[Source]:
+    """One Source per file to fetch (a 'files' entry: one per member), the overrides of the module docstring applied."""
     mirror, tasks = env.get('DVA_MIRROR', ''), []
     for s in sources:
         k = s.name.upper()
@@ -97,22 +90,21 @@ def plan(sources: tuple[Source, ...], env: Mapping[str, str]) -> list[Task]:
         override = env.get(f'DVA_URL_{k}', '')
         if s.kind == 'files':
             base = override or (mirror and _join(mirror, s.dest)) or s.url
-            tasks += [Task(s, f'{s.dest}/{m}', f'{s.dest}/{m}', _join(base, m), '', None) for m in s.members]
+            tasks += [replace(s, dest=f'{s.dest}/{m}', url=_join(base, m), members=()) for m in s.members]
             continue
-        fetch_rel = {'zip': f'{s.dest}.zip', 'bz2': f'{s.dest}.bz2'}.get(s.kind, s.dest)
         drive = s.gdrive_id and f'https://drive.google.com/uc?id={env.get(f"DVA_GDRIVE_{k}", s.gdrive_id).strip()}'
-        url = override or (mirror and _join(mirror, fetch_rel)) or drive or s.url
-        tasks.append(Task(s, s.dest, fetch_rel, url, sha, size))
+        url = override or (mirror and _join(mirror, s.archive)) or drive or s.url
+        tasks.append(replace(s, url=url, sha256=sha, size=size))
     return tasks
 
 
-def complete(task: Task, root: Path) -> str:
+def complete(task: Source, root: Path) -> str:
     """Why the task's result is already in place ('' when it is not): members present, size and sha256 right."""
     import pooch
 
-    dest = root / task.rel
-    if task.source.kind == 'zip':
-        return 'complete' if all((dest / m).exists() for m in task.source.members) else ''
+    dest = root / task.dest
+    if task.kind == 'zip':
+        return 'complete' if all((dest / m).exists() for m in task.members) else ''
     if not dest.is_file() or (task.size is not None and dest.stat().st_size != task.size):
         return ''
     if task.sha256 and pooch.file_hash(str(dest)) != task.sha256:
@@ -161,10 +153,10 @@ class GdownDownloader:
         os.replace(self.staged, output_file)
 
 
-def _unpack(paths: list[str], task: Task, root: Path) -> int:
+def _unpack(paths: list[str], task: Source, root: Path) -> int:
     """Move the files unzipped into a staging folder into dest (dropping one top folder named like dest, as the
     released `unzip` in the root would) and check the members; returns the number of files."""
-    dest = root / task.rel
+    dest = root / task.dest
     staging = dest.with_name(f'.{dest.name}.unpack')
     tops = {p.name for p in staging.iterdir() if p.name not in JUNK}
     content = staging / dest.name if tops == {dest.name} else staging
@@ -175,23 +167,23 @@ def _unpack(paths: list[str], task: Task, root: Path) -> int:
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
             os.replace(item, target)
     shutil.rmtree(staging)
-    missing = [m for m in task.source.members if not (dest / m).exists()]
+    missing = [m for m in task.members if not (dest / m).exists()]
     if missing:
-        raise ValueError(f'{task.fetch_rel} does not contain {", ".join(missing)}')
+        raise ValueError(f'{task.archive} does not contain {", ".join(missing)}')
     return sum(1 for p in paths if JUNK[0] not in p)
 
 
-def fetch(task: Task, root: Path, args: argparse.Namespace) -> tuple[str, str]:
+def fetch(task: Source, root: Path, args: argparse.Namespace) -> tuple[str, str]:
     """Download (and unpack) one task; returns (status, detail) for its line."""
     import pooch
 
-    dest, kind = root / task.fetch_rel, task.source.kind
+    dest, kind = root / task.archive, task.kind
     dest.parent.mkdir(parents=True, exist_ok=True)
     down = GdownDownloader(dest, args.quiet, args.timeout, args.retries)
-    processor = {'zip': pooch.Unzip(extract_dir=f'.{Path(task.rel).name}.unpack'),  # beside the archive
-                 'bz2': pooch.Decompress(method='bzip2', name=Path(task.rel).name)}.get(kind)
+    processor = {'zip': pooch.Unzip(extract_dir=f'.{Path(task.dest).name}.unpack'),  # beside the archive
+                 'bz2': pooch.Decompress(method='bzip2', name=Path(task.dest).name)}.get(kind)
     known = f'sha256:{task.sha256}' if task.sha256 and kind != 'bz2' else None  # bz2: the hash of what it holds
-    stale = [dest] if args.force or kind in ('file', 'files') else [root / task.rel] if kind == 'bz2' else []
+    stale = [dest] if args.force or kind in ('file', 'files') else [root / task.dest] if kind == 'bz2' else []
     for path in stale:  # incomplete (or --force): pooch must not take it for done
         path.unlink(missing_ok=True)
     try:
@@ -203,26 +195,23 @@ def fetch(task: Task, root: Path, args: argparse.Namespace) -> tuple[str, str]:
     status = 'resumed' if down.resumed else 'downloaded' if down.called else 'archive present'
     if kind in ('file', 'files'):
         return status, f'{dest.stat().st_size:,} bytes'
-    if kind == 'zip':
-        n = _unpack(out, task, root)
-    else:
-        if not complete(task, root):
-            Path(out).unlink()
-            dest.unlink()
-            raise ValueError(f'{task.rel} unpacked from {task.fetch_rel} does not match its size or sha256')
-        n = 1
+    if kind == 'bz2' and not complete(task, root):
+        Path(out).unlink()
+        dest.unlink()
+        raise ValueError(f'{task.dest} unpacked from {task.archive} does not match its size or sha256')
+    n = _unpack(out, task, root) if kind == 'zip' else 1
     if not args.keep_archives:
         dest.unlink()
-    return 'unpacked', f'{status} {task.fetch_rel}, {n} file(s)'
+    return 'unpacked', f'{status} {task.archive}, {n} file(s)'
 
 
-def by_hand(task: Task, root: Path, n: int = 1) -> str:
+def by_hand(task: Source, root: Path, n: int = 1) -> str:
     """How to fetch a failed task's file (or, n > 1, the entry's n failed files) without this tool."""
-    src = task.source
-    if src.kind == 'files' and n > 1:
-        return f'{src.dest}/ ({n} files) <- {task.url.rsplit("/", 1)[0]}/<name>: download them into {root / src.dest}/'
-    page = f'https://drive.google.com/file/d/{src.gdrive_id}' if 'drive.google.com' in task.url else task.url
-    return f'{task.rel} <- {page}: download it to {root / task.fetch_rel}, then run again'
+    if task.kind == 'files' and n > 1:
+        folder = Path(task.dest).parent
+        return f'{folder}/ ({n} files) <- {task.url.rsplit("/", 1)[0]}/<name>: download them into {root / folder}/'
+    page = f'https://drive.google.com/file/d/{task.gdrive_id}' if 'drive.google.com' in task.url else task.url
+    return f'{task.dest} <- {page}: download it to {root / task.archive}, then run again'
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,10 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f'unknown entry {", ".join(sorted(set(only + skip) - set(names)))}; choose from {", ".join(names)}')
     tasks = plan(tuple(s for s in SOURCES if (not only or s.name in only) and s.name not in skip), os.environ)
     if args.list:
-        for t in {t.source.name: t for t in tasks}.values():  # one row per entry
-            folder = t.source.kind == 'files'
-            where, url = (t.source.dest + '/', t.url.rsplit('/', 1)[0] + '/') if folder else (t.rel, t.url)
-            print(f'{t.source.name:18} {where:70} {url} {t.sha256 or "-"}')
+        for t in {t.name: t for t in tasks}.values():  # one row per entry
+            folder = t.kind == 'files'
+            where, url = (f'{Path(t.dest).parent}/', t.url.rsplit('/', 1)[0] + '/') if folder else (t.dest, t.url)
+            print(f'{t.name:18} {where:70} {url} {t.sha256 or "-"}')
         return 0
     import pooch
 
@@ -257,10 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     root = (args.root or Path(os.environ.get('DVA_ROOT') or ROOT)).expanduser().resolve()
     done = ['' if args.force else complete(t, root) for t in tasks]
     hosts = {} if args.dry_run else unreachable([t.url for t, d in zip(tasks, done) if not d], min(args.timeout, 10))
-    failures: dict[str, tuple[Task, str, int]] = {}  # per entry: a task, the first reason, files failed
+    failures: dict[str, list] = {}  # per entry: its first failed task, the first reason, files failed
     reported = set()
     for t, why in zip(tasks, done):
-        rel = t.rel + ('/' if t.source.kind == 'zip' else '')
+        rel = t.dest + ('/' if t.kind == 'zip' else '')
         if why or args.dry_run:
             print(f'skipped {rel} ({why})' if why else f'pending {rel} (from {t.url})')
             continue
@@ -275,8 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             if not cut_off or cut_off not in reported:  # an unreachable host is reported once
                 print(f'FAILED {cut_off}' if cut_off else f'FAILED {rel} ({reason})')
                 reported.add(cut_off)
-            first, first_reason, n = failures.get(t.source.name, (t, reason, 0))
-            failures[t.source.name] = (first, first_reason, n + 1)
+            failures.setdefault(t.name, [t, reason, 0])[2] += 1
         sys.stdout.flush()
     if failures:
         print(f'error: {sum(f[2] for f in failures.values())} of {len(tasks)} files could not be fetched:',
