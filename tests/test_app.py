@@ -192,6 +192,29 @@ def test_a_stopped_edit_stops_its_work(demo, test_videos_dir, tmp_path, monkeypa
     demo.close('k4')
 
 
+def test_a_preview_and_an_edit_of_one_page_never_align_at_once(demo, test_videos_dir, tmp_path):
+    """They share the session's alignment in its cache: an edit waits for a preview that is aligning, and a preview
+    asked for while that page's edit runs is refused instead of writing the same cache entry."""
+    session = demo.receive('k5', upload_copy(test_videos_dir / 'sample_24f_540p.mp4', tmp_path))
+    session.aligning.acquire()  # a preview aligning right now
+    outcome: list = []
+    thread = threading.Thread(target=lambda: outcome.append(
+        demo.edit('k5', EditRequest('classifier', [0.5], attributes=['Smiling'], T=T))))
+    thread.start()
+    for _ in range(600):
+        if demo.gpu.busy('k5'):
+            break
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert demo.gpu.busy('k5') and thread.is_alive() and not outcome  # the edit waits for the alignment
+    with pytest.raises(InputError, match='an edit of this page is running'):
+        demo.preview('k5', 0, None, None)
+    session.aligning.release()
+    thread.join(120)
+    assert not thread.is_alive() and outcome[0].summary['frames'] == N_FRAMES
+    demo.close('k5')
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The page in a browser
 
