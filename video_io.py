@@ -481,13 +481,13 @@ def join_videos(segments: Sequence[str | os.PathLike], path: str | os.PathLike, 
         with av.open(str(tmp), mode='w', format='mp4') as out:
             with av.open(str(segments[0])) as first:
                 stream = out.add_stream_from_template(first.streams.video[0])
-                extradata = first.streams.video[0].codec_context.extradata
+                settings = (first.streams.video[0].time_base, first.streams.video[0].codec_context.extradata)
             sound = out.add_stream('aac', rate=audio.rate, layout=audio.layout) if audio is not None else None
             offset = 0
             for segment in segments:
                 with av.open(str(segment)) as inp:
                     src = inp.streams.video[0]
-                    if (src.time_base, src.codec_context.extradata) != (stream.time_base, extradata):
+                    if (src.time_base, src.codec_context.extradata) != settings:  # (packets keep their time base)
                         raise ValueError(f'{segment} was encoded with other settings than {segments[0]} (time base '
                                          'or H.264 parameter sets): write every segment with one VideoWriter setting')
                     end = offset

@@ -299,10 +299,7 @@ class Editor:
         self.model = optimize_for_inference(model, self.device, channels_last=cfg.channels_last, compile=cfg.compile)
         self.sampler = core.Sampler(self.model, cfg.T, cfg.precision, micro_batch_size(self.device, S),
                                     cfg.decoder, cfg.decoder_steps, cfg.decoder_spacing)
-        self.cache = Cache(None if cfg.no_cache else (cfg.cache_dir or DEFAULT_CACHE), self.ranks.rank)
-        if self.ranks.enabled and not self.cache.enabled:  # the ranks share one scratch folder
-            scratch = self.ranks.broadcast(str(self.cache.folder) if self.ranks.main else None)
-            self.cache._scratch = Path(scratch)
+        self.cache = self._open_cache(cfg)
         self.timer = pipeline.StageTimer()
         self.stage: tuple[str, Arrays, str, int] | None = None  # what is running: for "N of M frames done"
         self._classifiers: dict[str, Any] = {}  # loaded once, shared with with_settings' Editors
@@ -323,9 +320,15 @@ class Editor:
             new.batch_size = new.cfg.batch_size
         new.sampler = core.Sampler(self.model, new.cfg.T, new.cfg.precision, self.sampler.micro_batch,
                                    new.cfg.decoder, new.cfg.decoder_steps, new.cfg.decoder_spacing)
-        new.cache = Cache(None if new.cfg.no_cache else (new.cfg.cache_dir or DEFAULT_CACHE), self.ranks.rank)
+        new.cache = self._open_cache(new.cfg)
         new.timer, new.stage = pipeline.StageTimer(), None
         return new
+
+    def _open_cache(self, cfg: EditConfig) -> Cache:
+        cache = Cache(None if cfg.no_cache else (cfg.cache_dir or DEFAULT_CACHE), self.ranks.rank)
+        if self.ranks.enabled and not cache.enabled:  # the ranks share one scratch folder
+            cache._scratch = Path(self.ranks.broadcast(str(cache.folder) if self.ranks.main else None))
+        return cache
 
     @property
     def image_size(self) -> int:

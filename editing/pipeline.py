@@ -259,8 +259,7 @@ def write(source, names: list[str], crops: Arrays, encoded: Arrays, edits: list[
 
     timer = timer or StageTimer()
     n = len(names)
-    mine = np.zeros(n, bool)
-    mine[ranks.share(np.arange(n))] = True
+    share = ranks.share(np.arange(n))  # contiguous
     edit_frames = np.ones(n, bool) if edit_frames is None else edit_frames
     sigma = feather if blend == 'feather' else 0.0
     quads = crops.read('quads')
@@ -280,7 +279,7 @@ def write(source, names: list[str], crops: Arrays, encoded: Arrays, edits: list[
     videos = ('out.mp4', 'side_by_side.mp4')
     writers = [tuple(VideoWriter(segment(folder, v, ranks.rank), fps) if ranks.enabled else
                      VideoWriter(folder / v, fps, audio=audio) for v in videos)
-               for folder, _ in edits] if mine.any() else []
+               for folder, _ in edits] if len(share) else []
     # PNG encoding (zlib releases the GIL) runs in threads beside the pasting and the video encoders
     pool, pending = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)), deque()
 
@@ -289,7 +288,6 @@ def write(source, names: list[str], crops: Arrays, encoded: Arrays, edits: list[
         while len(pending) > 8:  # bounded: at most 8 images wait in memory (1080p: 6 MB each)
             pending.popleft().result()
 
-    share = np.flatnonzero(mine)  # contiguous
     frames = frames_from(source, int(share[0]) if len(share) else n)
     try:
         with progress_bar(len(share), 'paste back', progress) as bar:
