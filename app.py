@@ -23,7 +23,7 @@ from pathlib import Path
 import gradio as gr
 
 from config import CELEBA_ATTRIBUTES, EditConfig
-from demo.inputs import InputError, format_size, parse_size
+from demo.inputs import InputError, format_size, parse_size, read_logins
 from demo.jobs import T_CHOICES, Cancelled, Demo, EditRequest, config_text, parse_scales, random_weights
 
 log = logging.getLogger('dva.app')
@@ -37,6 +37,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('--port', type=int, default=int(os.environ.get('GRADIO_SERVER_PORT', '7860')),
                    help='port (default $GRADIO_SERVER_PORT, else 7860)')
     p.add_argument('--share', action='store_true', help='also publish the page through a gradio.live link')
+    p.add_argument('--auth_file', help='ask for a login: a file of user:password lines (the results, served from '
+                                       'per-session folders, then need the login too)')
     p.add_argument('--checkpoint', help='DVA checkpoint (default checkpoints/diffusion_video_autoencoder/'
                                         'epoch=51-step=1000000.ckpt, else last.ckpt there)')
     p.add_argument('--cls_checkpoint', default=EditConfig.cls_checkpoint, help='attribute classifier checkpoint')
@@ -221,6 +223,12 @@ def main(argv: list[str] | None = None) -> None:
         max_bytes = parse_size(args.max_upload)
     except ValueError as e:
         raise SystemExit(f'--max_upload: {e}') from None
+    try:
+        logins = read_logins(args.auth_file) if args.auth_file else None
+    except ValueError as e:
+        raise SystemExit(f'--auth_file: {e}') from None
+    if (args.share or args.host not in ('127.0.0.1', 'localhost', '::1')) and not logins:
+        log.warning('warning: the page is reachable from other machines without a login; --auth_file asks for one')
     root = Path(tempfile.mkdtemp(prefix='dva-demo-', dir=args.tmp_dir))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill`, docker stop: the folder goes too
@@ -243,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     page = build_page(demo, args.T)
     page.queue(default_concurrency_limit=1)
     page.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=max_bytes,
-                show_error=False)
+                show_error=False, auth=logins)
 
 
 if __name__ == '__main__':

@@ -51,6 +51,26 @@ def format_size(n: int) -> str:
     return f'{n / 1000:.0f} kB' if n >= 1000 else f'{n} bytes'
 
 
+def read_logins(path: str | Path) -> list[tuple[str, str]]:
+    """The page's logins from a file of `user:password` lines (blank lines and # comments ignored); ValueError
+    naming the file and line (never the password) for anything else. Kept out of the command line, where `ps` shows
+    it to every user of the machine."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f'cannot read the login file {path}: {e}') from None
+    logins = []
+    for n, line in enumerate(lines, 1):
+        if line.strip() and not line.lstrip().startswith('#'):
+            user, sep, password = line.strip().partition(':')
+            if not (sep and user and password):
+                raise ValueError(f'{path}, line {n}: expected user:password')
+            logins.append((user, password))
+    if not logins:
+        raise ValueError(f'{path} holds no user:password line')
+    return logins
+
+
 def check_upload(path: str | Path, max_bytes: int, name: str | None = None) -> str:
     """'video' or 'zip' for an uploaded file within the size limit; InputError otherwise (empty, too large, or
     neither a video file nor a zip). `name` is the file's name as the user sent it (messages never show server

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -28,6 +29,7 @@ from demo.jobs import Cancelled, Demo, EditRequest, random_weights
 from video_io import read_video_info
 
 N_FRAMES = 4  # the frame cap of every test here
+LOGIN = ('tester', 'pw-123')  # the page's login (--auth_file)
 T = 5
 CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
 CHROMEDRIVER = shutil.which('chromedriver')
@@ -215,6 +217,17 @@ def test_a_preview_and_an_edit_of_one_page_never_align_at_once(demo, test_videos
     demo.close('k5')
 
 
+def test_a_bad_login_file_stops_the_app_before_it_loads_anything(tmp_path):
+    import app
+
+    (tmp_path / 'logins.txt').write_text('tester\n')
+    for path, message in ((tmp_path / 'missing.txt', 'cannot read the login file'), (tmp_path / 'logins.txt',
+                                                                                     'line 1: expected user:password')):
+        with pytest.raises(SystemExit, match=f'--auth_file: .*{message}'):
+            app.main(['--auth_file', str(path), '--tmp_dir', str(tmp_path)])
+    assert not list(tmp_path.glob('dva-demo-*'))
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The page in a browser
 
@@ -239,10 +252,12 @@ def server(browser_tools, test_videos_dir, tmp_path_factory):
     """`python app.py` on a free loopback port with random tiny weights; yields its URL."""
     port = free_port()
     log = tmp_path_factory.mktemp('app') / 'app.log'
+    logins = log.parent / 'logins.txt'
+    logins.write_text(f'# the page asks for a login\n{LOGIN[0]}:{LOGIN[1]}\n')
     cmd = [sys.executable, 'app.py', '--host', '127.0.0.1', '--port', str(port), '--template', 'tiny',
            '--random_weights', '--device', 'cpu', '--T', str(T), '--max_frames', str(N_FRAMES),
            '--sample', str(test_videos_dir / 'sample_24f_540p.mp4'), '--tmp_dir', str(log.parent),
-           '--max_upload', '1MB']
+           '--max_upload', '1MB', '--auth_file', str(logins)]
     with open(log, 'wb') as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     url = f'http://127.0.0.1:{port}/'
@@ -271,6 +286,7 @@ def server(browser_tools, test_videos_dir, tmp_path_factory):
 def page(server):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
@@ -279,8 +295,37 @@ def page(server):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.get(server)
+    log_in(driver, LOGIN[0], 'wrong')  # refused: a message, no page
+    deadline = time.monotonic() + 30
+    while 'incorrect credentials' not in driver.page_source.lower():
+        assert time.monotonic() < deadline, 'no message about the wrong password'
+        time.sleep(0.2)
+    assert not driver.find_elements(By.ID, 'upload')
+    driver.get(server)
+    log_in(driver, *LOGIN)
+    wait_for_css(driver, '#upload')
     yield driver
     driver.quit()
+
+
+def log_in(driver, user: str, password: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    for selector in ('input[type=text]', 'input[type=password]', 'button'):
+        wait_for_css(driver, selector)
+    driver.find_element(By.CSS_SELECTOR, 'input[type=text]').send_keys(user)
+    driver.find_element(By.CSS_SELECTOR, 'input[type=password]').send_keys(password)
+    driver.find_element(By.XPATH, "//button[normalize-space()='Login']").click()
+    time.sleep(1)
+
+
+def wait_for_css(driver, selector: str, seconds: float = 60) -> None:
+    from selenium.webdriver.common.by import By
+
+    deadline = time.monotonic() + seconds
+    while not driver.find_elements(By.CSS_SELECTOR, selector):
+        assert time.monotonic() < deadline, f'nothing matches {selector!r}'
+        time.sleep(0.2)
 
 
 def text_of(driver, elem_id: str) -> str:
@@ -310,9 +355,11 @@ def upload(driver, path: Path) -> None:
     inputs[0].send_keys(str(path))
 
 
-def fetch(url: str) -> bytes:
+def fetch(url: str, driver=None) -> bytes:
+    """GET url, with the browser's login cookies when `driver` is given."""
     assert url.startswith('http://127.0.0.1:')
-    with urllib.request.urlopen(url, timeout=30) as r:
+    cookies = '; '.join(f"{c['name']}={c['value']}" for c in driver.get_cookies()) if driver else ''
+    with urllib.request.urlopen(urllib.request.Request(url, headers={'Cookie': cookies}), timeout=30) as r:
         assert r.status == 200
         return r.read()
 
@@ -358,19 +405,21 @@ def test_edit_in_the_browser(page, test_videos_dir, tmp_path):
     assert played['ended'] and played['error'] is None and played['width'] == 960, played
     assert played['duration'] == pytest.approx(N_FRAMES / 25, abs=0.02)
     video = tmp_path / 'out.mp4'
-    video.write_bytes(fetch(played['src']))
+    video.write_bytes(fetch(played['src'], page))
+    with pytest.raises(urllib.error.HTTPError, match='401'):  # the results need the login too
+        fetch(played['src'])
     assert read_video_info(video)[0] == N_FRAMES and played['src'].endswith('/Smiling_0.50/out.mp4')
     side = page.find_element(By.CSS_SELECTOR, '#side_by_side video').get_attribute('src')
-    (tmp_path / 'side.mp4').write_bytes(fetch(side))
+    (tmp_path / 'side.mp4').write_bytes(fetch(side, page))
     n, _, size = read_video_info(tmp_path / 'side.mp4')
     assert n == N_FRAMES and size[0] > 960  # original | edit
     # the downloads: both videos, the frames as a zip, the config of the run
     links = {Path(a.get_attribute('href')).name: a.get_attribute('href')
              for a in page.find_elements(By.CSS_SELECTOR, '#downloads a')}
     assert sorted(links) == ['Smiling_0.50_frames.zip', 'config.json', 'out.mp4', 'side_by_side.mp4']
-    with zipfile.ZipFile(io.BytesIO(fetch(links['Smiling_0.50_frames.zip']))) as zf:
+    with zipfile.ZipFile(io.BytesIO(fetch(links['Smiling_0.50_frames.zip'], page))) as zf:
         assert sorted(zf.namelist()) == [f'Smiling_0.50_frames/{i:06d}.png' for i in range(N_FRAMES)]
-    config = json.loads(fetch(links['config.json']))
+    config = json.loads(fetch(links['config.json'], page))
     assert (config['attribute'], config['scale'], config['config']['T'], config['frames']) == ('Smiling', 0.5, T,
                                                                                                 N_FRAMES)
     shown = json.loads(page.find_element(By.CSS_SELECTOR, '#config textarea').get_attribute('value'))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from demo.inputs import InputError, Sessions, check_upload, extract_frames, parse_size, select_frames
+from demo.inputs import InputError, Sessions, check_upload, extract_frames, parse_size, read_logins, select_frames
 from demo.jobs import Cancelled, Worker, parse_scales, safe_name
 
 
@@ -40,6 +40,20 @@ def test_parse_size():
     assert parse_size('1234') == 1234
     with pytest.raises(ValueError, match='not a size'):
         parse_size('lots')
+
+
+def test_login_file(tmp_path):
+    good = tmp_path / 'logins.txt'
+    good.write_text('# who may use the page\n\nann:pa:ss:word\n  bob:x  \n')
+    assert read_logins(good) == [('ann', 'pa:ss:word'), ('bob', 'x')]
+    for text, message in (('ann\n', 'line 1: expected user:password'), ('# only a comment\n', 'no user:password'),
+                          ('ann:\n', 'line 1'), (':secret\n', 'line 1')):
+        good.write_text(text)
+        with pytest.raises(ValueError, match=message) as e:
+            read_logins(good)
+        assert 'secret' not in str(e.value)  # a password is never echoed
+    with pytest.raises(ValueError, match='cannot read the login file'):
+        read_logins(tmp_path / 'missing.txt')
 
 
 def test_check_upload_kind_and_size(tmp_path, test_videos_dir):
