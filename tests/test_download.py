@@ -26,7 +26,7 @@ class RangeHandler(SimpleHTTPRequestHandler):
         self.server.log.append((self.path, self.headers.get('Range')))
         path = Path(self.translate_path(self.path))
         if not path.is_file():
-            return self.send_error(404)
+            return self.send_error(500 if self.path.endswith('/broken') else 404)
         data, start = path.read_bytes(), int((self.headers.get('Range') or 'bytes=0-')[6:].split('-')[0])
         self.send_response(206 if start else 200)
         if start:
@@ -129,11 +129,13 @@ def test_bad_hash_and_missing_file_fail_naming_the_source(mirror, monkeypatch) -
     monkeypatch.setenv('DVA_SHA256_CLIP_VIT_B16', '0' * 64)
     monkeypatch.setenv('DVA_URL_ALEXNET_LPIPS', fetch._join(fetch.os.environ['DVA_MIRROR'], 'missing.pth'))
     monkeypatch.setenv('DVA_URL_DATASETS', fetch._join(fetch.os.environ['DVA_MIRROR'], SRC['latent'].dest))  # no zip
-    code, out, err = run('--only', 'clip_vit_b16,alexnet_lpips,latent,datasets')
+    monkeypatch.setenv('DVA_URL_CLS_CKPT', fetch._join(fetch.os.environ['DVA_MIRROR'], 'broken'))  # server error
+    code, out, err = run('--only', 'clip_vit_b16,alexnet_lpips,latent,datasets,cls_ckpt', '--retries', '0')
     assert code == 1 and 'downloaded checkpoints/diffusion_video_autoencoder/latent.pkl' in out
     assert 'FAILED datasets/' in out and not (root / 'datasets.zip').exists()  # refetched next time
     assert 'FAILED pretrained_models/ViT-B-16.pt' in out and 'FAILED pretrained_models/alexnet' in out
-    assert 'error: 3 of 4 files' in err and 'missing.pth: download it to' in err
+    assert 'FAILED checkpoints/diffusion_video_autoencoder_cls/last.ckpt' in out and '500' in out
+    assert 'error: 4 of 5 files' in err and 'missing.pth: download it to' in err
     assert 'ViT-B-16.pt: download it to' in err
     assert not (root / SRC['clip_vit_b16'].dest).exists()  # a file that fails its hash is never given its name
 
