@@ -624,4 +624,4 @@ def scale_name(scale: float) -> str:
     return text if float(text) == scale else repr(float(scale))
 
 
-__all__ = ['Editor', 'EditConfig', 'EncodedVideo', 'Direction', 'Rendered', 'EditError', 'replace']
+__all__ = ['Editor', 'EditConfig', 'EncodedVideo', 'AlignedVideo', 'Direction', 'Rendered', 'EditError', 'replace']
