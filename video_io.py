@@ -210,11 +210,12 @@ class FrameSource:
                 'truncated': self.truncated}
 
     def audio(self) -> AudioClip | None:
-        """The source's sound under the selected frames (a video file with an audio stream), decoded once, else None.
+        """The source's sound under the selected frames (a video file with a readable audio stream), else None.
 
         The clip starts at the selected first frame's time (the video stream's start time + index / fps) and lasts
-        len(self) / fps seconds, so that it stays in sync with an output written at the source frame rate. Sound that
-        fails to decode part-way is cut there, with a warning; sound that cannot be read at all gives None."""
+        len(self) / fps seconds, so that it stays in sync with an output written at the source frame rate. It is read
+        from the file each time it is written (AudioClip.chunks), never held whole: memory does not grow with the
+        video's length. Sound that fails to decode part-way is cut there, with a warning."""
         if not self.is_video or not self.fps:
             return None
         import av
@@ -227,31 +228,17 @@ class FrameSource:
                 offset = float(video.start_time * video.time_base) if video.start_time is not None else 0.0
                 rate = sound.codec_context.sample_rate
                 layout = 'stereo' if sound.codec_context.channels >= 2 else 'mono'
-                start = offset + self._range.start / self.fps
-                first, last = round(start * rate), round((start + len(self) / self.fps) * rate)  # sample indices
-                resampler = av.AudioResampler(format='fltp', layout=layout, rate=rate)
-                pieces, position = [], None  # position: sample index of the next resampled sample
-                try:
-                    for frame in container.decode(sound):
-                        for out in resampler.resample(frame):
-                            if position is None:
-                                position = round(out.time * rate) if out.time is not None else 0
-                            arr, begin = out.to_ndarray(), position
-                            position += arr.shape[1]
-                            lo, hi = max(first - begin, 0), min(last - begin, arr.shape[1])
-                            if hi > lo:
-                                pieces.append(arr[:, lo:hi])
-                        if position is not None and position >= last:
-                            break
-                except av.error.FFmpegError as e:
-                    got = sum(p.shape[1] for p in pieces) / rate
-                    warnings.warn(f'the audio of {self.path} stops at {got:.2f} s of the selected frames: {e}')
         except av.error.FFmpegError as e:
             warnings.warn(f'the audio of {self.path} cannot be read ({e}): the edited videos will be silent')
             return None
-        if not pieces:
-            return None
-        return AudioClip(np.ascontiguousarray(np.concatenate(pieces, axis=1), dtype=np.float32), rate, layout)
+        start = offset + self._range.start / self.fps
+        clip = AudioClip(self.path, round(start * rate), round((start + len(self) / self.fps) * rate), rate, layout)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # said again, with what was read, when the clip is written
+            readable = next(clip.chunks(), None) is not None
+        if not readable:
+            warnings.warn(f'the audio of {self.path} cannot be read: the edited videos will be silent')
+        return clip if readable else None
 
     def __iter__(self) -> Iterator[np.ndarray]:
         """Yield every selected frame in order as RGB uint8 [H, W, 3] (streamed)."""
@@ -339,15 +326,47 @@ def _as_uint8_rgb(frame: np.ndarray | Image.Image) -> np.ndarray:
 
 @dataclass(frozen=True)
 class AudioClip:
-    """Decoded sound to put beside a video: float32 planar samples [channels, n] at `rate` Hz ('mono' or 'stereo')."""
+    """The sound of `path` between two sample indices [first, last) at `rate` Hz ('mono' or 'stereo'), decoded (and
+    resampled to float32 planar) each time `chunks` runs."""
 
-    samples: np.ndarray
+    path: Path
+    first: int
+    last: int
     rate: int
     layout: str
 
     @property
     def duration(self) -> float:
-        return self.samples.shape[1] / self.rate
+        """Seconds the clip spans (less comes out if the sound ends or breaks before `last`)."""
+        return (self.last - self.first) / self.rate
+
+    @property
+    def samples(self) -> np.ndarray:
+        """All of it at once, [channels, n] float32 (tests and short clips; writers use `chunks`)."""
+        return np.concatenate(list(self.chunks()), axis=1)
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        """The samples [channels, k] float32, in decoder-sized pieces."""
+        import av
+
+        position, got = None, 0  # position: sample index of the next resampled sample
+        try:
+            with av.open(str(self.path)) as container:
+                resampler = av.AudioResampler(format='fltp', layout=self.layout, rate=self.rate)
+                for frame in container.decode(container.streams.audio[0]):
+                    for out in resampler.resample(frame):
+                        if position is None:
+                            position = round(out.time * self.rate) if out.time is not None else 0
+                        arr, begin = out.to_ndarray(), position
+                        position += arr.shape[1]
+                        lo, hi = max(self.first - begin, 0), min(self.last - begin, arr.shape[1])
+                        if hi > lo:
+                            got += hi - lo
+                            yield np.ascontiguousarray(arr[:, lo:hi], dtype=np.float32)
+                    if position is not None and position >= self.last:
+                        break
+        except av.error.FFmpegError as e:
+            warnings.warn(f'the audio of {self.path} stops at {got / self.rate:.2f} s of the selected frames: {e}')
 
 
 class VideoWriter:
@@ -446,13 +465,14 @@ class VideoWriter:
 
 
 def _encode_audio(container: Any, stream: Any, clip: AudioClip) -> None:
-    """Encode the clip into `stream` (the encoder cuts it into AAC frames of its own size)."""
+    """Encode the clip into `stream` as it is decoded (the encoder cuts it into AAC frames of its own size)."""
     import av
 
-    for k in range(0, clip.samples.shape[1], 1 << 14):
-        piece = av.AudioFrame.from_ndarray(np.ascontiguousarray(clip.samples[:, k:k + (1 << 14)]), format='fltp',
-                                           layout=clip.layout)
+    k = 0
+    for chunk in clip.chunks():
+        piece = av.AudioFrame.from_ndarray(chunk, format='fltp', layout=clip.layout)
         piece.sample_rate, piece.pts, piece.time_base = clip.rate, k, Fraction(1, clip.rate)
+        k += chunk.shape[1]
         for packet in stream.encode(piece):
             container.mux(packet)
     for packet in stream.encode():

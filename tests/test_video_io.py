@@ -286,6 +286,9 @@ def test_sound_follows_the_selected_frames(sample_video_dir: Path, test_videos_d
     assert clip is not None and clip.rate == 48000 and clip.layout == 'stereo'
     assert clip.samples.shape == (2, round(0.2 * 48000)) and clip.duration == pytest.approx(0.2, abs=1e-6)
     assert dominant_hz(clip.samples[0], clip.rate) == pytest.approx(1000, abs=30)
+    # streamed: the clip holds no samples, they come in decoder-sized pieces each time it is written
+    assert not any(isinstance(v, np.ndarray) for v in vars(clip).values())
+    assert max(c.shape[1] for c in clip.chunks()) <= 2048 and len(list(clip.chunks())) > 4
     out = write_video(tmp_path / 'out.mp4', list(src), src.rate, audio=clip)
     samples, rate = decoded_sound(out)
     assert rate == 48000 and 0.2 * rate <= len(samples) <= 0.2 * rate + 2048  # AAC pads to whole 1024-sample frames
