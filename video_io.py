@@ -233,9 +233,7 @@ class FrameSource:
             return None
         start = offset + self._range.start / self.fps
         clip = AudioClip(self.path, round(start * rate), round((start + len(self) / self.fps) * rate), rate, layout)
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')  # said again, with what was read, when the clip is written
-            readable = next(clip.chunks(), None) is not None
+        readable = next(clip.chunks(quiet=True), None) is not None  # a break later on is told when it is written
         if not readable:
             warnings.warn(f'the audio of {self.path} cannot be read: the edited videos will be silent')
         return clip if readable else None
@@ -345,8 +343,9 @@ class AudioClip:
         """All of it at once, [channels, n] float32 (tests and short clips; writers use `chunks`)."""
         return np.concatenate(list(self.chunks()), axis=1)
 
-    def chunks(self) -> Iterator[np.ndarray]:
-        """The samples [channels, k] float32, in decoder-sized pieces."""
+    def chunks(self, quiet: bool = False) -> Iterator[np.ndarray]:
+        """The samples [channels, k] float32, in decoder-sized pieces (a warning when the sound breaks off, unless
+        `quiet`)."""
         import av
 
         position, got = None, 0  # position: sample index of the next resampled sample
@@ -366,7 +365,8 @@ class AudioClip:
                     if position is not None and position >= self.last:
                         break
         except av.error.FFmpegError as e:
-            warnings.warn(f'the audio of {self.path} stops at {got / self.rate:.2f} s of the selected frames: {e}')
+            if not quiet:
+                warnings.warn(f'the audio of {self.path} stops at {got / self.rate:.2f} s of the selected frames: {e}')
 
 
 class VideoWriter:
