@@ -375,6 +375,29 @@ def test_real_frames_lossless_round_trip(sample_video_dir: Path, test_videos_dir
             assert np.abs(got.astype(float).mean((0, 1, 2)) - ref.mean((0, 1, 2))).max() < 1.0  # no colour shift
 
 
+def test_sound_that_breaks_off_is_cut_there_with_a_warning(sample_video_dir: Path, tmp_path: Path) -> None:
+    """Audio packets overwritten with noise: the clip ends at the first one that fails to decode (a warning saying
+    where, the video is written), and sound that fails from the start gives a silent video and a warning."""
+    import av
+
+    video = video_with_sound(sample_video_dir, tmp_path / 'talk.mp4')  # 0.4 s of sound
+    with av.open(str(video)) as c:
+        packets = [(k.pos, k.size) for k in c.demux(c.streams.audio[0]) if k.size]
+    for name, first_bad in (('late', 8), ('early', 0)):
+        data = bytearray(video.read_bytes())
+        for pos, size in packets[first_bad:]:
+            data[pos:pos + size] = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes()
+        (tmp_path / f'{name}.mp4').write_bytes(data)
+    src = FrameSource(tmp_path / 'late.mp4')
+    clip = src.audio()
+    with pytest.warns(UserWarning, match=r'late.mp4 stops at 0\.1\d s of the selected frames'):
+        out = write_video(tmp_path / 'out.mp4', list(src), src.rate, audio=clip)
+    samples, rate = decoded_sound(out)
+    assert 0.1 * rate < len(samples) < 0.2 * rate + 2048 and read_video_info(out)[0] == len(src)
+    with pytest.warns(UserWarning, match='early.mp4 cannot be read: the edited videos will be silent'):
+        assert FrameSource(tmp_path / 'early.mp4').audio() is None
+
+
 def test_joined_segments_are_the_segments_frames_with_sound(sample_video_dir: Path, tmp_path: Path) -> None:
     """join_videos (the distributed edit's videos): the packets of consecutive segments copied into one mp4, so an
     independent decoder (the ffmpeg program) and ours get exactly the segments' frames, in order, evenly timed, with
