@@ -16,6 +16,7 @@ stream's own tags (untagged: BT.601) and uses accurate rounding (swscale's defau
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import os
 import re
@@ -185,7 +186,7 @@ class FrameSource:
         limit = None if end is None else end
         if max_num is not None:
             limit = start + max_num if limit is None else min(limit, start + max_num)
-        n, rate, size, declared = _scan_video(self.path, limit)
+        n, rate, size, declared, self._keys = _scan_video(self.path, limit)
         self.frames_expected, self.frames_decoded = declared, n
         self.truncated = declared is not None and n < declared and (limit is None or n < limit)
         if self.truncated:
@@ -258,7 +259,7 @@ class FrameSource:
         if not self.is_video:
             return self._read_file(self.files[i])
         if self._decoder is None or i < self._next_index:
-            self._decoder, self._next_index = self._decode(), 0
+            self._decoder, self._next_index = self._decode(i), i  # from the key frame before i
         while True:
             frame = next(self._decoder)
             self._next_index += 1
@@ -273,17 +274,31 @@ class FrameSource:
             )
         return arr
 
-    def _decode(self, first: int = 0) -> Iterator[np.ndarray]:
+    def _decode(self, first: int = 0, seek: bool = True) -> Iterator[np.ndarray]:
+        """Frames first.. of the selection. With `seek`, decoding starts at the last key frame at or before the first
+        one wanted (found by the opening scan); the decoder must then give that key frame first, else it starts over
+        from the beginning of the file."""
         import av
 
+        target = self._range.start + first
+        k = bisect.bisect_right([i for i, _ in self._keys], target) - 1 if seek else -1
+        j, key_pts = self._keys[k] if k > 0 else (0, None)
         try:
             with av.open(str(self.path)) as container:
                 stream = container.streams.video[0]
                 stream.thread_type = 'AUTO'
-                for j, frame in enumerate(container.decode(stream)):
+                if key_pts is not None:
+                    container.seek(key_pts, stream=stream, backward=True, any_frame=False)
+                for frame in container.decode(stream):
+                    if key_pts is not None:  # just after a seek
+                        if frame.pts is not None and frame.pts < key_pts:
+                            continue  # decoded from an earlier key frame, or an open GOP's leading frames
+                        if frame.pts != key_pts:
+                            break  # not where the scan saw it: start over below
+                        key_pts = None
                     if j >= self._range.stop:
-                        break
-                    if j >= self._range.start + first:
+                        return
+                    if j >= target:
                         arr = frame.to_ndarray(format='rgb24', interpolation=_flags(DECODE_FLAGS))
                         if (arr.shape[1], arr.shape[0]) != self.size:
                             raise ValueError(
@@ -291,8 +306,12 @@ class FrameSource:
                                 f'expected {self.size[0]}x{self.size[1]}'
                             )
                         yield arr
+                    j += 1
+                else:
+                    return
         except av.error.FFmpegError as e:
             raise ValueError(f'cannot decode video {self.path}: {e}') from e
+        yield from self._decode(first, seek=False)
 
     def __repr__(self) -> str:
         kind = 'video' if self.is_video else 'folder'
@@ -548,14 +567,15 @@ def _flags(names: tuple[str, ...]) -> int:
     return out
 
 
-def _scan_video(path: Path, limit: int | None = None) -> tuple[int, Fraction | None, tuple[int, int], int | None]:
+def _scan_video(path: Path, limit: int | None = None) -> tuple[int, Fraction | None, tuple[int, int], int | None,
+                                                                list[tuple[int, int]]]:
     """Decode a video file (up to `limit` frames) -> (frames decoded, frame rate or None, (width, height), frame count
-    the container declares or None).
+    the container declares or None, (frame index, pts) of every key frame: where decoding can start).
 
     Raises ValueError naming the file when it has no video stream or no frame decodes."""
     import av
 
-    n, rate, size, declared = 0, None, None, None
+    n, rate, size, declared, keys = 0, None, None, None, []
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -566,6 +586,8 @@ def _scan_video(path: Path, limit: int | None = None) -> tuple[int, Fraction | N
             declared = stream.frames or None  # 0: the container does not say
             for frame in container.decode(stream):
                 size = size or (frame.width, frame.height)
+                if frame.key_frame and frame.pts is not None and (not keys or frame.pts > keys[-1][1]):
+                    keys.append((n, frame.pts))
                 n += 1
                 if limit is not None and n >= limit:
                     break
@@ -573,12 +595,12 @@ def _scan_video(path: Path, limit: int | None = None) -> tuple[int, Fraction | N
         raise ValueError(f'cannot decode video {path}: {e}') from e
     if size is None:
         raise ValueError(f'cannot decode video {path}: no frame decoded')
-    return n, Fraction(rate) if rate else None, size, declared
+    return n, Fraction(rate) if rate else None, size, declared, keys
 
 
 def read_video_info(path: str | os.PathLike) -> tuple[int, float, tuple[int, int]]:
     """(number of decoded frames, frame rate, (width, height)) of a video file, counted by decoding it."""
-    n, rate, size, _ = _scan_video(Path(path))
+    n, rate, size, _, _ = _scan_video(Path(path))
     return n, float(rate) if rate else float('nan'), size
 
 

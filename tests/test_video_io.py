@@ -398,6 +398,61 @@ def test_sound_that_breaks_off_is_cut_there_with_a_warning(sample_video_dir: Pat
         assert FrameSource(tmp_path / 'early.mp4').audio() is None
 
 
+def _keyed_video(frames: list[np.ndarray], path: Path, options: dict[str, str]) -> Path:
+    import av
+
+    with av.open(str(path), 'w') as out:
+        stream = out.add_stream('libx264', rate=25)
+        stream.width, stream.height, stream.pix_fmt, stream.options = 160, 96, 'yuv420p', options
+        for i, f in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(f, format='rgb24').reformat(format='yuv420p')
+            frame.pts, frame.time_base = i, Fraction(1, 25)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+@pytest.mark.parametrize('gop', ['closed', 'open'])
+def test_a_video_is_entered_at_the_key_frame_before_the_first_frame_wanted(gop: str, sample_video_dir: Path,
+                                                                            tmp_path: Path) -> None:
+    """iter_from / read start decoding at the last key frame at or before the frame asked for (the opening scan lists
+    them): every start gives exactly the frames of a decode from the beginning, for closed GOPs and for open ones
+    (whose leading B-frames need the GOP before), and the data before that key frame is never read."""
+    import av
+
+    frames = [np.asarray(Image.open(p).convert('RGB').resize((160, 96)))
+              for p in sorted(sample_video_dir.glob('*.jpeg'))[:23]]
+    options = {'g': '6', 'bf': '2', **({'x264-params': 'open-gop=1'} if gop == 'open' else {})}
+    path = _keyed_video(frames, tmp_path / f'{gop}.mp4', options)
+    src = FrameSource(path)
+    assert [i for i, _ in src._keys] == [0, 6, 12, 18]
+    whole = list(src)
+    for k in range(len(whole)):
+        got = list(src.iter_from(k))
+        assert len(got) == len(whole) - k and all(np.array_equal(a, b) for a, b in zip(got, whole[k:])), k
+    for i in (20, 3, 15, 16, 0):  # backwards too
+        assert np.array_equal(src.read(i), whole[i]), i
+    keys, src._keys = src._keys, [(0, 0), (6, src._keys[1][1] - 1)]  # a key frame not where the decoder finds one
+    got = list(src.iter_from(9))  # it starts over from the beginning
+    assert len(got) == 14 and all(np.array_equal(a, b) for a, b in zip(got, whole[9:]))
+    src._keys = keys
+    # spoil every packet stored before the third key frame: from there on nothing changes, from 0 it cannot decode
+    with av.open(str(path)) as c:
+        packets = [(k.pos, k.size, k.pts) for k in c.demux(c.streams.video[0]) if k.size]
+    key = next(pos for pos, _, pts in packets if pts == src._keys[2][1])
+    data = bytearray(path.read_bytes())
+    for pos, size, _ in packets:
+        if pos < key:
+            data[pos + 4:pos + size] = bytes(size - 4)
+    path.write_bytes(data)
+    got = list(src.iter_from(12))
+    assert len(got) == 11 and all(np.array_equal(a, b) for a, b in zip(got, whole[12:]))
+    with pytest.raises(ValueError, match='cannot decode video'):
+        list(src.iter_from(0))
+
+
 def test_joined_segments_are_the_segments_frames_with_sound(sample_video_dir: Path, tmp_path: Path) -> None:
     """join_videos (the distributed edit's videos): the packets of consecutive segments copied into one mp4, so an
     independent decoder (the ffmpeg program) and ours get exactly the segments' frames, in order, evenly timed, with
