@@ -283,13 +283,17 @@ class FrameSource:
         target = self._range.start + first
         k = bisect.bisect_right([i for i, _ in self._keys], target) - 1 if seek else -1
         j, key_pts = self._keys[k] if k > 0 else (0, None)
+        frames = None
         try:
             with av.open(str(self.path)) as container:
                 stream = container.streams.video[0]
                 stream.thread_type = 'AUTO'
                 if key_pts is not None:
-                    container.seek(key_pts, stream=stream, backward=True, any_frame=False)
-                for frame in container.decode(stream):
+                    try:
+                        container.seek(key_pts, stream=stream, backward=True, any_frame=False)
+                    except av.error.FFmpegError:  # a container that cannot seek: start over below
+                        frames = iter(())
+                for frame in container.decode(stream) if frames is None else frames:
                     if key_pts is not None:  # just after a seek
                         if frame.pts is not None and frame.pts < key_pts:
                             continue  # decoded from an earlier key frame, or an open GOP's leading frames
@@ -307,11 +311,11 @@ class FrameSource:
                             )
                         yield arr
                     j += 1
-                else:
+                if key_pts is None:  # the frames ran out after the key frame (or no seek): done
                     return
         except av.error.FFmpegError as e:
             raise ValueError(f'cannot decode video {self.path}: {e}') from e
-        yield from self._decode(first, seek=False)
+        yield from self._decode(first, seek=False)  # the key frame never came: from the start
 
     def __repr__(self) -> str:
         kind = 'video' if self.is_video else 'folder'

@@ -437,6 +437,9 @@ def test_a_video_is_entered_at_the_key_frame_before_the_first_frame_wanted(gop: 
     keys, src._keys = src._keys, [(0, 0), (6, src._keys[1][1] - 1)]  # a key frame not where the decoder finds one
     got = list(src.iter_from(9))  # it starts over from the beginning
     assert len(got) == 14 and all(np.array_equal(a, b) for a, b in zip(got, whole[9:]))
+    src._keys = [(0, 0), (6, 10**9)]  # one the decoder never reaches
+    got = list(src.iter_from(9))
+    assert len(got) == 14 and all(np.array_equal(a, b) for a, b in zip(got, whole[9:]))
     src._keys = keys
     # spoil every packet stored before the third key frame: from there on nothing changes, from 0 it cannot decode
     with av.open(str(path)) as c:
