@@ -439,6 +439,8 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, size: int = 256, test
         raise UsageError(f'--test_fraction must be in [0, 1], got {test_fraction}')
     if center_sigma < 0 or xy_sigma < 0:
         raise UsageError('--center_sigma and --xy_sigma must be >= 0')
+    if format not in ('png', 'jpg') or split not in (None, *SPLITS):
+        raise UsageError(f'--format must be png or jpg and --split train, test or none; got {format!r}, {split!r}')
     root = Path(out)
     settings = Settings(str(root), size, format, every, max_frames, center_sigma, xy_sigma, min_frames, drop_missing)
     config = check_root(root, image_settings(settings), overwrite)

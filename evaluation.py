@@ -190,6 +190,10 @@ def run_recon(out: str | Path = 'results/recon', data: str | Path = 'datasets/vo
 
     call = dict(locals())
     _check_counts(batch_size=batch_size, num_videos=num_videos, frames_per_video=frames_per_video)
+    for name, value, choices in (('ssim_border', ssim_border, ('valid', 'zero')),
+                                 ('lpips', lpips, ('pretrained', 'random', 'none'))):
+        if value not in choices:
+            raise EvaluationError(f'{name} must be one of {", ".join(choices)}, got {value!r}')
     check_T(T)
     available, frames = select_videos(data, split, num_videos, seed, frames_per_video)
     reporting.check_out(out, overwrite)

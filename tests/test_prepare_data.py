@@ -363,6 +363,8 @@ def test_prepare_from_python_equals_the_script(real_root: Path, real_inputs: Pat
     root = tmp_path / 'api'
     with pytest.raises(data_prep.UsageError, match='--size must be >= 8'):
         data_prep.prepare([real_inputs / 'talk'], root, size=4)
+    with pytest.raises(data_prep.UsageError, match="got 'jpeg'"):
+        data_prep.prepare([real_inputs / 'talk'], root, format='jpeg')
     assert not root.exists()
     assert data_prep.prepare([real_inputs / 'talk'], root, max_frames=6, split='train', progress=False) == 0
     got, want = root / 'train' / 'talk', real_root / 'train' / 'talk'

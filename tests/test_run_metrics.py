@@ -230,6 +230,8 @@ def test_recon_errors(aligned_root: Path, tiny_ckpt: Path, tmp_path: Path, monke
         run_metrics.main(_recon_args(aligned_root, tiny_ckpt, tmp_path / 'a', '--num_videos', '0'))
     with pytest.raises(evaluation.EvaluationError, match='--frames_per_video must be at least 1'):
         evaluation.run_recon(tmp_path / 'a', aligned_root, frames_per_video=0, checkpoint=str(tiny_ckpt))
+    with pytest.raises(evaluation.EvaluationError, match="ssim_border must be one of valid, zero, got 'zeros'"):
+        evaluation.run_recon(tmp_path / 'a', aligned_root, ssim_border='zeros', checkpoint=str(tiny_ckpt))
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))  # keep a real hub cache out of the search
     with pytest.raises(SystemExit, match=f'{ALEXNET_FILE}.*--no_lpips'):
         run_metrics.main(_recon_args(aligned_root, tiny_ckpt, tmp_path / 'a', '--lpips_dir', str(tmp_path)))
