@@ -242,8 +242,6 @@ class Session:
     input: tuple[Path, str] | None = None
     uploads: int = 0
     runs: int = 0
-    # held while the current input is aligned into the cache (by a preview, or an edit's first stage)
-    aligning: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def cache_dir(self) -> Path:

@@ -340,11 +340,8 @@ class Demo:
         from faces import crop_face
 
         selection, source = self._selection(session, start, end, cap)
-        if self.gpu.busy(session.key):  # its encode would be writing the same cache entry
-            raise InputError('an edit of this page is running: preview again when it has finished')
-        try:
-            with session.aligning:
-                alignment = self.editor(session, None, selection).align()
+        try:  # while this page's edit aligns the same frames, this waits for it (Cache.filling) and shows its faces
+            alignment = self.editor(session, None, selection).align()
             first = source.read(0)
         except EditError as e:
             text = str(e).replace(str(selection.path), selection.name)
@@ -428,8 +425,6 @@ class Demo:
         out = session.results_dir() / f'run{session.runs}'  # new file names per run: no stale video in a browser
         editor = self.editor(session, request, selection)
         try:
-            with session.aligning:  # a preview of this page that is running finishes first, and its faces are reused
-                editor.align()
             video = editor.encode()
             if request.mode == 'classifier':
                 directions = {a: editor.classifier_direction(a) for a in request.attributes}

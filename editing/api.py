@@ -346,11 +346,28 @@ class Editor:
         self.stage = (what, arrays, stage, n)
         return self.timer(what) if timed else contextlib.nullcontext()
 
-    def _commit(self, entry, meta: dict[str, Any]) -> None:
-        """Rank 0 marks an entry complete once every rank has finished its share."""
-        if self.ranks.main:
-            entry.commit(meta)
-        self.ranks.barrier('storing a result')
+    def _fill(self, kind: str, key: str, stage: tuple[str, str, int], compute: Callable[[Arrays], None],
+              meta: dict[str, Any], timed: bool = False) -> tuple[Any, bool]:
+        """(the complete cache entry kind/key, whether it was there already). Else `compute(arrays)` fills it, every
+        rank its share, while rank 0 holds it against other runs (`Cache.filling`): a second run on the same video
+        waits, then takes the first one's result. stage: (what, array, frames) for "N of M frames done"."""
+
+        def complete() -> bool:  # rank 0's view, so that every rank takes the same branch
+            return self.ranks.broadcast(self.cache.entry(kind, key).complete if self.ranks.main else None,
+                                        'checking the cache')
+
+        if complete():
+            return self.cache.entry(kind, key), True
+        with self.cache.filling(kind, key, self.log) if self.ranks.main else contextlib.nullcontext():
+            if complete():  # another run filled it while this one waited
+                return self.cache.entry(kind, key), True
+            entry = self.cache.entry(kind, key)
+            with self._run(stage[0], entry.arrays, stage[1], stage[2], timed=timed):
+                compute(entry.arrays)
+            if self.ranks.main:
+                entry.commit(meta)
+            self.ranks.barrier('storing a result')
+        return self.cache.entry(kind, key), False
 
     def done_frames(self) -> tuple[str, int, int] | None:
         """(stage, frames done, frames) of the stage that is running or ran last."""
@@ -395,23 +412,22 @@ class Editor:
         content = fingerprint(source)
         akey = make_key(format=FORMAT, video=content, center_sigma=cfg.center_sigma,
                         xy_sigma=cfg.xy_sigma, size=S, detector=detector)
-        a = self.cache.entry('align', akey)
-        hit = a.complete
-        if not a.complete:
-            factory = None if aligned else lambda: DlibDetector(pretrained_dir=cfg.pretrained_dir,
-                                                                max_upsample=cfg.max_upsample,
-                                                                max_detect_side=cfg.detect_side or None)
-            with self._run('align', a.arrays, 'crops', len(source), timed=False):
-                try:
-                    pipeline.align(source, factory, a.arrays, S, cfg.center_sigma, cfg.xy_sigma, self.progress,
-                                   self.log, self.ranks, self.timer)
-                except NoFaceError as e:
-                    raise EditError(f'{getattr(source, "path", "frames")}: {e}. Is there a frontal face in the video?'
-                                    ) from None
-                except ValueError as e:  # a frame that fails to decode part-way (the header check passed)
-                    raise EditError(f'cannot read {getattr(source, "path", "frames")}: {e}') from None
-            self._commit(a, {'source': str(getattr(source, 'path', 'frames')), 'frames': len(source)})
-            a = self.cache.entry('align', akey)
+        factory = None if aligned else lambda: DlibDetector(pretrained_dir=cfg.pretrained_dir,
+                                                            max_upsample=cfg.max_upsample,
+                                                            max_detect_side=cfg.detect_side or None)
+
+        def compute(arrays: Arrays) -> None:
+            try:
+                pipeline.align(source, factory, arrays, S, cfg.center_sigma, cfg.xy_sigma, self.progress, self.log,
+                               self.ranks, self.timer)
+            except NoFaceError as e:
+                raise EditError(f'{getattr(source, "path", "frames")}: {e}. Is there a frontal face in the video?'
+                                ) from None
+            except ValueError as e:  # a frame that fails to decode part-way (the header check passed)
+                raise EditError(f'cannot read {getattr(source, "path", "frames")}: {e}') from None
+
+        a, hit = self._fill('align', akey, ('align', 'crops', len(source)), compute,
+                            {'source': str(getattr(source, 'path', 'frames')), 'frames': len(source)})
         return AlignedVideo(spec, source, a.arrays, akey, hit, content, a.arrays.read('missing').tolist())
 
     def encode(self, video: str | os.PathLike | Iterable[np.ndarray] | None = None, *, start: int | None = None,
@@ -428,15 +444,11 @@ class Editor:
                      + 'not counted in the identity: ' + ', '.join(names[:20]) + (' ...' if len(names) > 20 else ''))
         ekey = make_key(align=akey, checkpoint=file_stamp(self.checkpoint) if self.checkpoint.is_file() else
                         str(self.checkpoint), T=cfg.T, precision=cfg.precision)
-        e = self.cache.entry('encode', ekey)
-        hits['invert'] = e.complete
-        if not e.complete:
-            with self._run('invert', e.arrays, 'x_T', len(source), timed=False):
-                pipeline.encode(self.sampler, arrays, e.arrays, np.asarray(missing), self.batch_size,
-                                self.progress, self.log, self.ranks, self.timer)
-            self._commit(e, {'source': str(getattr(source, 'path', 'frames')), 'checkpoint': str(self.checkpoint),
-                             'T': cfg.T})
-            e = self.cache.entry('encode', ekey)
+        e, hits['invert'] = self._fill(
+            'encode', ekey, ('invert', 'x_T', len(source)),
+            lambda out: pipeline.encode(self.sampler, arrays, out, np.asarray(missing), self.batch_size, self.progress,
+                                        self.log, self.ranks, self.timer),
+            {'source': str(getattr(source, 'path', 'frames')), 'checkpoint': str(self.checkpoint), 'T': cfg.T})
         return EncodedVideo(list(source.names), missing, spec, arrays, e.arrays, ekey, hits, content)
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -491,13 +503,11 @@ class Editor:
         digest = hashlib.sha256(identity.detach().double().cpu().contiguous().numpy().tobytes()).hexdigest()
         key = make_key(encode=video.key, identity=digest, decoder=self.cfg.decoder, steps=self.cfg.decoder_steps,
                        spacing=self.cfg.decoder_spacing, keep_float=keep_float)
-        entry = self.cache.entry('render', key)
-        if not entry.complete:
-            with self._run('render', entry.arrays, 'render', len(video)):
-                pipeline.render(self.sampler, video.arrays, identity, entry.arrays, self.batch_size, f'render {name}',
-                                self.progress, self.log, keep_float, self.ranks)
-            self._commit(entry, {'name': name, 'encode': video.key})
-            entry = self.cache.entry('render', key)
+        entry, _ = self._fill(
+            'render', key, ('render', 'render', len(video)),
+            lambda out: pipeline.render(self.sampler, video.arrays, identity, out, self.batch_size, f'render {name}',
+                                        self.progress, self.log, keep_float, self.ranks),
+            {'name': name, 'encode': video.key}, timed=True)
         return Rendered(name, identity, entry.arrays, dict(settings or {}), key)
 
     def edit(self, video: EncodedVideo, direction: Direction, scale: float, name: str | None = None) -> Rendered:

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +193,30 @@ class Cache:
 
     def entry(self, kind: str, key: str) -> Entry:
         return Entry(self, kind, key)
+
+    @contextlib.contextmanager
+    def filling(self, kind: str, key: str, log: Callable[[str], None] = print) -> Iterator[None]:
+        """Held while one run fills entry kind/key: another process or thread filling the same entry (a second run
+        on the same video) waits here, then finds it complete. An flock on <folder>/.locks/<kind>-<key>.lock, so a
+        run that dies lets go at once; where there is no flock (not POSIX, some network mounts) runs go unguarded."""
+        try:
+            import fcntl
+
+            path = self.folder / '.locks' / f'{kind}-{key}.lock'
+            path.parent.mkdir(exist_ok=True)
+            handle = open(path, 'a')  # noqa: SIM115 - held across the yield
+        except (ImportError, OSError):
+            yield
+            return
+        with handle:  # closing it lets go of the lock
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log(f'waiting for another run that is computing the same {kind} (cache entry {kind}-{key[:12]})')
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            except OSError:  # no flock on this filesystem
+                pass
+            yield
 
     def warn(self, error: OSError) -> None:
         warnings.warn(f'cannot write the cache in {self.root} ({error}); going on without it. Free some space, or '

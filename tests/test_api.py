@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -128,6 +129,45 @@ def test_align_is_encodes_first_stage_and_with_settings_shares_the_model(weights
     assert np.array_equal(other.reconstruct(a).crops, fresh.reconstruct(b).crops)
     with pytest.raises(EditError, match='cannot change device, precision'):
         base.with_settings(device='meta', precision='fp64', T=20)
+
+
+def test_two_runs_on_one_video_compute_it_once(weights, frames, tmp_path, monkeypatch):
+    """Two Editors (threads here; processes alike: an flock per entry) encode the same frames into one cache at the
+    same time: the second waits for the first, says so, and takes its result instead of writing the same entry."""
+    import threading
+
+    from editing import pipeline
+    from editing.api import Editor
+
+    real, started, go_on, calls = pipeline.align, threading.Event(), threading.Event(), []
+
+    def slow(*args, **kwargs):
+        calls.append(1)
+        started.set()
+        assert go_on.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, 'align', slow)
+    first = Editor(config.EditConfig(checkpoint=str(weights['ckpt']), **settings(weights, tmp_path / 'c')))
+    second, said = first.with_settings(), []
+    second.log = said.append
+    results = {}
+    threads = [threading.Thread(target=lambda e=e, k=k: results.update({k: e.encode(str(frames))}))
+               for k, e in (('first', first), ('second', second))]
+    threads[0].start()
+    assert started.wait(60)
+    threads[1].start()
+    for _ in range(100):  # until the second run is waiting for the first
+        if said:
+            break
+        time.sleep(0.05)
+    go_on.set()
+    for t in threads:
+        t.join(120)
+    assert calls == [1] and any('waiting for another run that is computing the same align' in s for s in said)
+    assert (results['first'].cache_hits['align'], results['second'].cache_hits['align']) == (False, True)
+    assert sorted(r.cache_hits['invert'] for r in results.values()) == [False, True]  # one inverted, for both
+    assert torch.equal(results['first'].x_T, results['second'].x_T)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -194,24 +194,30 @@ def test_a_stopped_edit_stops_its_work(demo, test_videos_dir, tmp_path, monkeypa
     demo.close('k4')
 
 
-def test_a_preview_and_an_edit_of_one_page_never_align_at_once(demo, test_videos_dir, tmp_path):
-    """They share the session's alignment in its cache: an edit waits for a preview that is aligning, and a preview
-    asked for while that page's edit runs is refused instead of writing the same cache entry."""
-    session = demo.receive('k5', upload_copy(test_videos_dir / 'sample_24f_540p.mp4', tmp_path))
-    session.aligning.acquire()  # a preview aligning right now
+def test_a_preview_during_that_pages_edit_shows_the_edits_faces(demo, test_videos_dir, tmp_path, monkeypatch):
+    """The preview and the edit share the page's cached alignment: asked for while the edit is inverting, the preview
+    answers at once with the faces the edit found (and computes nothing)."""
+    from editing import core, pipeline
+
+    real, inverting, go_on = core.ddim_invert, threading.Event(), threading.Event()
+
+    def held(*args, **kwargs):
+        inverting.set()
+        assert go_on.wait(120)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(core, 'ddim_invert', held)
+    demo.receive('k5', upload_copy(test_videos_dir / 'sample_24f_540p.mp4', tmp_path))
     outcome: list = []
     thread = threading.Thread(target=lambda: outcome.append(
         demo.edit('k5', EditRequest('classifier', [0.5], attributes=['Smiling'], T=T))))
     thread.start()
-    for _ in range(600):
-        if demo.gpu.busy('k5'):
-            break
-        time.sleep(0.05)
-    time.sleep(0.5)
-    assert demo.gpu.busy('k5') and thread.is_alive() and not outcome  # the edit waits for the alignment
-    with pytest.raises(InputError, match='an edit of this page is running'):
-        demo.preview('k5', 0, None, None)
-    session.aligning.release()
+    assert inverting.wait(120)
+    aligned = []
+    monkeypatch.setattr(pipeline, 'align', lambda *a, **k: aligned.append(1))
+    preview = demo.preview('k5', 0, None, None)
+    assert preview.selection.frames == N_FRAMES and 'Face found in 4 of 4 frames' in preview.text and not aligned
+    go_on.set()
     thread.join(120)
     assert not thread.is_alive() and outcome[0].summary['frames'] == N_FRAMES
     demo.close('k5')

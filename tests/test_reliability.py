@@ -428,6 +428,22 @@ def test_one_out_folder_per_video(weights, clip, cache, sample_video_dir, tmp_pa
     assert len(files(out)) > len(before)
 
 
+def test_two_processes_editing_one_video_share_the_work(weights, sample_video_dir, tmp_path):
+    """Two editing_classifier.py runs started together on one video with one cache (two attributes as two jobs, say):
+    both finish, and each cache entry (alignment, inversion) is computed by one of them and taken by the other."""
+    video, cache = real_frames(sample_video_dir, tmp_path / 'talk', list(range(6))), tmp_path / 'cache'
+    runs = [subprocess.Popen([sys.executable, str(ROOT / 'editing_classifier.py'),
+                              *cls_args(weights, video, tmp_path / name, cache, '--attribute', attribute)],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for name, attribute in (('a', 'Mustache'), ('b', 'Smiling'))]
+    logs = [r.communicate(timeout=300)[0] for r in runs]
+    assert [r.returncode for r in runs] == [0, 0], logs
+    hits = [json.loads((tmp_path / name / 'summary.json').read_text())['cache_hits'] for name in 'ab']
+    for stage in ('align', 'invert'):
+        assert sorted(h[stage] for h in hits) == [False, True], (stage, hits, logs)
+    assert len(list(cache.glob('encode-*'))) == 1 and not list(cache.glob('partial-*'))
+
+
 def test_outputs_get_the_mode_of_the_umask(weights, clip, cache, tmp_path):
     out = tmp_path / 'out'
     old = os.umask(0o027)
