@@ -274,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.clear:
         for e in entries:
             shutil.rmtree(e['path'], ignore_errors=True)
+            name = e['path'].name.removeprefix('partial-')  # and the lock of the entry (`Cache.filling`)
+            (Path(args.cache_dir) / '.locks' / f'{name}.lock').unlink(missing_ok=True)
         print(f'deleted {len(entries)} entries ({total:.1f} MB)')
     return 0
 

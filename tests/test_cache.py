@@ -37,7 +37,8 @@ def test_entries_commit_and_list_and_clear(tmp_path, capsys):
     assert again.complete and again.arrays.read('quads').shape == (10, 4, 2)
     cache.entry('encode', 'e1').arrays.put('x_T', np.zeros(1000))
     cache.entry('encode', 'e1').commit({'source': 'clip_a.mp4', 'T': 100})
-    cache.entry('render', 'r1').arrays.put('render', np.zeros(10, np.uint8))
+    with cache.filling('render', 'r1'):  # (leaves its lock file, removed with the entry)
+        cache.entry('render', 'r1').arrays.put('render', np.zeros(10, np.uint8))
     old = cache.entry('encode', 'e0')  # an inversion interrupted long ago
     old.arrays.put('x_T', np.zeros(100))
     past = time.time() - 10 * 86400
@@ -52,8 +53,9 @@ def test_entries_commit_and_list_and_clear(tmp_path, capsys):
     assert not old.arrays.folder.exists() and cache.entry('render', 'r1').resumed
     main(['--cache_dir', str(tmp_path / 'c'), '--clear', '--partial'])
     assert not cache.entry('render', 'r1').resumed and cache.entry('encode', 'e1').complete
+    assert not (tmp_path / 'c' / '.locks' / 'render-r1.lock').exists()
     main(['--cache_dir', str(tmp_path / 'c'), '--clear'])
-    assert list((tmp_path / 'c').iterdir()) == []
+    assert [p.name for p in (tmp_path / 'c').iterdir()] == ['.locks'] and not any((tmp_path / 'c' / '.locks').iterdir())
 
 
 def test_unwritable_or_disabled_cache_works_from_a_scratch_folder(tmp_path):
