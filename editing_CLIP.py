@@ -49,11 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
             ed.stage = None  # the search is not counted in frames: an interruption there says no frame count
             direction = ed.clip_direction(video, out)
             edits = [ed.edit(video, direction, s, name) for s, name in zip(cfg.scale, folders[path])]
-            recon = ed.reconstruct(video) if cfg.save_recon else None
-            summary = ed.write(video, edits, out, recon, {'command': flags.command('editing_CLIP.py', argv)})
-            if ed.ranks.main:
-                flags.report(summary, out, ed.log)
-            return summary
+            return flags.write_results(ed, video, edits, out, 'editing_CLIP.py', argv)
 
         return flags.for_each_video(outputs, edit_video, ranks, outputs[0][1].parent, ed.log)
 

@@ -35,11 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
         def edit_video(path: str, out) -> dict:
             video = ed.encode(path)
             edits = [ed.edit(video, directions[a], s, name) for a, s, name in pairs]
-            recon = ed.reconstruct(video) if cfg.save_recon else None
-            summary = ed.write(video, edits, out, recon, {'command': flags.command('editing_classifier.py', argv)})
-            if ed.ranks.main:
-                flags.report(summary, out, ed.log)
-            return summary
+            return flags.write_results(ed, video, edits, out, 'editing_classifier.py', argv)
 
         return flags.for_each_video(outputs, edit_video, ranks, outputs[0][1].parent, ed.log)
 

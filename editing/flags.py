@@ -377,6 +377,16 @@ def for_each_video(outputs: list[tuple[str, Path]], edit_video: Callable[[str, P
     return summary
 
 
+def write_results(ed, video, edits: list, out: Path, script: str, argv: list[str] | None) -> dict:
+    """The end of both editors' run on one video: the reconstruction if asked for (--save_recon), `Editor.write`,
+    and the report (rank 0); returns the summary."""
+    recon = ed.reconstruct(video) if ed.cfg.save_recon else None
+    summary = ed.write(video, edits, out, recon, {'command': command(script, argv)})
+    if ed.ranks.main:
+        report(summary, out, ed.log)
+    return summary
+
+
 def report(summary: dict, out: Path, log: Callable[[str], None] = print) -> None:
     missing = summary['faces_missing']
     log(f'\nframes: {summary["frames"]}   faces missing: {len(missing)}'
